@@ -1,0 +1,70 @@
+"""The one typed configuration object, its defaults, and flag parsing.
+
+Every hyperparameter lives here. The command line (`python -m adder.train`)
+overrides fields of `Config`; nothing downstream reads flags or environment
+variables except the data-location fields resolved in `adder.data`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Configuration of one training run. Immutable: use `dataclasses.replace`."""
+
+  # --- data ---
+  # Folder holding the four official MNIST IDX .gz files, given to TFDS as its
+  # manual directory (offline preparation). None: $ADDER_MNIST_DIR, or TFDS's
+  # own download.
+  mnist_dir: Optional[str] = None
+  # Where TFDS keeps the prepared dataset. None: $TFDS_DATA_DIR or TFDS's default.
+  data_dir: Optional[str] = None
+  # Seed of the fixed (image, integer) pairs of the `test` evaluation set.
+  eval_seed: int = 1234
+
+  # --- model ---
+  # Channels of the five 3x3 conv blocks; the last is the image-embedding size.
+  conv_features: tuple[int, ...] = (16, 16, 16, 16, 20)
+  hidden_features: int = 60  # width of the two Dense layers after the concat
+  bn_momentum: float = 0.9  # Flax convention: running = m*running + (1-m)*batch
+  bn_epsilon: float = 1e-5
+
+  # --- optimizer: SGD with momentum on PyTorch's OneCycleLR ---
+  lr: float = 0.1  # peak learning rate (OneCycleLR's max_lr)
+  pct_start: float = 0.3  # share of steps spent warming up
+  div_factor: float = 25.0  # initial lr = lr / div_factor
+  final_div_factor: float = 1e4  # final lr = initial lr / final_div_factor
+  base_momentum: float = 0.85  # momentum at peak lr
+  max_momentum: float = 0.95  # momentum at the start and the end
+  weight_decay: float = 5e-4  # L2 added to the gradient, as torch.optim.SGD does
+  nesterov: bool = False
+
+  # --- averaging (SWA) ---
+  swa: bool = True
+  swa_start_frac: float = 0.75  # average parameters over the last 25% of steps
+
+  # --- training ---
+  epochs: int = 20
+  batch_size: int = 128
+  eval_batch_size: int = 10_000
+  seed: int = 0
+  require_gpu: bool = False
+
+  def replace(self, **changes: Any) -> "Config":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["conv_features"] = list(self.conv_features)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "Config":
+    known = {f.name for f in dataclasses.fields(cls)}
+    d = {k: v for k, v in d.items() if k in known}
+    if "conv_features" in d:
+      d["conv_features"] = tuple(d["conv_features"])
+    return cls(**d)

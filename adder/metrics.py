@@ -1,0 +1,45 @@
+"""Accuracy metrics of the two heads, counted per case.
+
+Joint accuracy is the share of cases where *both* outputs are right. It is not
+the product of the two accuracies (the original's measure), which is only right
+when the heads err independently. They do not: a misread digit usually makes
+the sum wrong too, so errors overlap, and the product then under-counts the
+cases where both are right. Only the per-case count is a measurement.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+METRIC_NAMES = ("digit_acc", "sum_acc", "joint_acc", "consistency")
+
+
+def compute_metrics(
+    digit_pred: np.ndarray,
+    sum_pred: np.ndarray,
+    digits: np.ndarray,
+    numbers: np.ndarray,
+) -> dict[str, float]:
+  """Accuracies over N cases. All arguments are int arrays of shape (N,).
+
+  Returns:
+    ``digit_acc``: share with ``digit_pred == digit``;
+    ``sum_acc``: share with ``sum_pred == digit + number``;
+    ``joint_acc``: share with both right;
+    ``consistency``: share with ``sum_pred == digit_pred + number`` (the two
+    heads agree, right or wrong). Each a float in [0, 1].
+  """
+  digit_pred, sum_pred, digits, numbers = (
+      np.asarray(a).astype(np.int64) for a in (digit_pred, sum_pred, digits, numbers))
+  if not digit_pred.shape == sum_pred.shape == digits.shape == numbers.shape:
+    raise ValueError("all arrays must have the same shape (N,)")
+  if digits.size == 0:
+    raise ValueError("no cases to score")
+  digit_ok = digit_pred == digits
+  sum_ok = sum_pred == digits + numbers
+  return {
+      "digit_acc": float(digit_ok.mean()),
+      "sum_acc": float(sum_ok.mean()),
+      "joint_acc": float((digit_ok & sum_ok).mean()),
+      "consistency": float((sum_pred == digit_pred + numbers).mean()),
+  }
