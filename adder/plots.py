@@ -1,0 +1,167 @@
+"""PNG plots of a training run, written into its workdir (matplotlib, Agg).
+
+`write_all` writes ``loss.png`` (train loss per epoch), ``accuracy.png`` (test
+digit / sum / joint accuracy per epoch), ``lr.png`` (learning rate per epoch),
+``samples.png`` (test images with the integer and the predictions; wrong ones
+in red) and ``confusion.png`` (the digit head's confusion matrix, in counts).
+Each plot is one function taking plain arrays and an output path. Figures are
+built with matplotlib's object API (`matplotlib.figure.Figure`, rendered by
+Agg), not pyplot: no global state, no display, and importing this module does
+not change the backend of a notebook.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+NUM_SAMPLES = 32  # test images in samples.png
+SAMPLE_COLUMNS = 8
+DPI = 120
+
+
+def _figure(**kwargs) -> Figure:
+  fig = Figure(**kwargs)
+  FigureCanvasAgg(fig)  # render with Agg whatever pyplot's backend is
+  return fig
+
+
+def _save(fig: Figure, path: str) -> str:
+  fig.savefig(path, dpi=DPI, bbox_inches="tight")
+  return path
+
+
+def _column(history: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+  epochs = np.asarray([row["epoch"] for row in history])
+  return epochs, np.asarray([row[key] for row in history], np.float64)
+
+
+def plot_loss(history: Sequence[dict], path: str) -> str:
+  """Mean training loss (digit + sum cross-entropy) per epoch, log scale."""
+  fig = _figure(figsize=(6, 4))
+  ax = fig.subplots()
+  epochs, loss = _column(history, "train_loss")
+  ax.plot(epochs, loss, marker="o")
+  if np.all(loss > 0):
+    ax.set_yscale("log")
+  ax.set(xlabel="epoch", ylabel="train loss", title="Training loss (digit CE + sum CE)")
+  ax.grid(True, alpha=0.3)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
+  return _save(fig, path)
+
+
+def plot_accuracy(history: Sequence[dict], path: str) -> str:
+  """Test digit, sum and joint accuracy per epoch."""
+  fig = _figure(figsize=(6, 4))
+  ax = fig.subplots()
+  for key, label in (("test_digit_acc", "digit"), ("test_sum_acc", "sum"),
+                     ("test_joint_acc", "joint (both right)")):
+    epochs, acc = _column(history, key)
+    ax.plot(epochs, 100 * acc, marker="o", label=label)
+  ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+  ax.grid(True, alpha=0.3)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
+  ax.legend()
+  return _save(fig, path)
+
+
+def plot_lr(history: Sequence[dict], path: str) -> str:
+  """Learning rate at the end of each epoch."""
+  fig = _figure(figsize=(6, 4))
+  ax = fig.subplots()
+  epochs, lr = _column(history, "lr")
+  ax.plot(epochs, lr, marker="o")
+  ax.set(xlabel="epoch", ylabel="learning rate", title="Learning rate (one-cycle)")
+  ax.grid(True, alpha=0.3)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
+  return _save(fig, path)
+
+
+def plot_samples(
+    images: np.ndarray,
+    labels: np.ndarray,
+    numbers: np.ndarray,
+    digit_pred: np.ndarray,
+    sum_pred: np.ndarray,
+    path: str,
+) -> str:
+  """A grid of the first `NUM_SAMPLES` cases titled ``n=3 -> d=7 s=10``.
+
+  A title is red when the digit or the sum is wrong.
+
+  Args:
+    images: uint8 (N, 28, 28); labels, numbers, digit_pred, sum_pred: int (N,).
+  """
+  n = min(NUM_SAMPLES, len(images))
+  rows = -(-n // SAMPLE_COLUMNS)
+  fig = _figure(figsize=(1.6 * SAMPLE_COLUMNS, 1.8 * rows))
+  axes = fig.subplots(rows, SAMPLE_COLUMNS, squeeze=False)
+  for i, ax in enumerate(axes.flat):
+    ax.axis("off")
+    if i >= n:
+      continue
+    right = digit_pred[i] == labels[i] and sum_pred[i] == labels[i] + numbers[i]
+    ax.imshow(np.asarray(images[i]).reshape(28, 28), cmap="gray", vmin=0, vmax=255)
+    ax.set_title(f"n={numbers[i]} -> d={digit_pred[i]} s={sum_pred[i]}", fontsize=8,
+                 color="black" if right else "red")
+  fig.suptitle("Test samples: integer n, predicted digit d and sum s (red: wrong)")
+  return _save(fig, path)
+
+
+def confusion_matrix(labels: np.ndarray, pred: np.ndarray, num_classes: int = 10) -> np.ndarray:
+  """int64 (num_classes, num_classes): row = true class, column = predicted."""
+  counts = np.zeros((num_classes, num_classes), np.int64)
+  np.add.at(counts, (np.asarray(labels, np.int64), np.asarray(pred, np.int64)), 1)
+  return counts
+
+
+def plot_confusion(labels: np.ndarray, digit_pred: np.ndarray, path: str) -> str:
+  """The digit head's 10x10 confusion matrix with counts (log colour scale)."""
+  counts = confusion_matrix(labels, digit_pred)
+  fig = _figure(figsize=(6.5, 5.5))
+  ax = fig.subplots()
+  im = ax.imshow(np.log1p(counts), cmap="Blues")
+  threshold = np.log1p(counts).max() / 2
+  for t in range(10):
+    for p in range(10):
+      if counts[t, p]:
+        ax.text(p, t, str(counts[t, p]), ha="center", va="center", fontsize=7,
+                color="white" if np.log1p(counts[t, p]) > threshold else "black")
+  ax.set(xticks=range(10), yticks=range(10), xlabel="predicted digit", ylabel="true digit",
+         title=f"Digit head confusion ({int(np.trace(counts))}/{counts.sum()} right)")
+  fig.colorbar(im, ax=ax, label="log(1 + count)")
+  return _save(fig, path)
+
+
+def write_all(
+    workdir: str,
+    history: Sequence[dict],
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    test_numbers: np.ndarray,
+    digit_pred: np.ndarray,
+    sum_pred: np.ndarray,
+) -> list[str]:
+  """Write the five PNGs into `workdir`; returns their paths.
+
+  Args:
+    history: one dict per epoch with ``epoch``, ``train_loss``,
+      ``test_digit_acc``, ``test_sum_acc``, ``test_joint_acc`` and ``lr``.
+    test_images: uint8 (N, 28, 28); test_labels, test_numbers: int (N,).
+    digit_pred, sum_pred: int (N,), predictions of the weights in the checkpoint.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  out = lambda name: os.path.join(workdir, name)
+  return [
+      plot_loss(history, out("loss.png")),
+      plot_accuracy(history, out("accuracy.png")),
+      plot_lr(history, out("lr.png")),
+      plot_samples(test_images, test_labels, test_numbers, digit_pred, sum_pred,
+                   out("samples.png")),
+      plot_confusion(test_labels, digit_pred, out("confusion.png")),
+  ]
