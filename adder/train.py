@@ -195,7 +195,8 @@ def batch_statistics(
   Returns: a ``batch_stats`` pytree for `model`. Jit with `model` static.
   """
   probe = model.clone(bn_momentum=0.0)  # running stats := this batch's
-  template = jax.eval_shape(model_lib.init_variables, model, jax.random.PRNGKey(0))
+  template = jax.eval_shape(
+      functools.partial(model_lib.init_variables, model), jax.random.PRNGKey(0))
   stats = jax.tree_util.tree_map(
       lambda s: jnp.zeros(s.shape, s.dtype), template["batch_stats"])
   _, updates = probe.apply(
