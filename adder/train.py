@@ -249,9 +249,31 @@ def evaluate(
   idx = np.pad(image_index, (0, pad)).reshape(-1, batch_size)
   nums = np.pad(numbers, (0, pad)).reshape(-1, batch_size)
   outs = [predict_fn(variables, images_u8, i, n) for i, n in zip(idx, nums)]
-  digit_pred, sum_pred = (np.concatenate(x)[:m] for x in zip(*jax.device_get(outs)))
+  digit_pred, sum_pred = (np.concatenate(x)[:m] for x in zip(*to_host(outs)))
   scores = metrics_lib.compute_metrics(digit_pred, sum_pred, labels[image_index], numbers)
   return scores, (digit_pred, sum_pred)
+
+
+def replicate(tree: Any, sharding: NamedSharding) -> Any:
+  """Host arrays, identical on every process, as global arrays laid out by `sharding`."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def to_host(tree: Any) -> Any:
+  """Fully replicated (or local) arrays as numpy, on any process."""
+  return jax.tree_util.tree_map(
+      lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
+
+
+def is_main_process() -> bool:
+  """Only process 0 prints, and writes logs, plots and checkpoints."""
+  return jax.process_index() == 0
+
+
+def _log(*args) -> None:
+  if is_main_process():
+    print(*args, flush=True)
 
 
 def create_mesh() -> Mesh:
@@ -291,26 +313,31 @@ def train_and_evaluate(
   """
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
-  print(describe_devices(), flush=True)
+  _log(describe_devices())
   if config.require_gpu and jax.default_backend() != "gpu":
     raise SystemExit(
         f"error: --require-gpu: JAX sees no GPU (backend {jax.default_backend()}); "
         "install jax[cuda12] or jax[cuda13] (see README)")
-  if dataset is None:
-    dataset = data_lib.load_mnist(config.mnist_dir, config.data_dir)
-  os.makedirs(workdir, exist_ok=True)
+  main_process = is_main_process()
+  if main_process:
+    os.makedirs(workdir, exist_ok=True)
 
   mesh = create_mesh()
   n_dev = mesh.size
   if config.batch_size % n_dev:
     raise ValueError(
-        f"batch size {config.batch_size} does not divide over {n_dev} devices")
+        f"batch size {config.batch_size} does not divide over {n_dev} devices; "
+        f"use a multiple of {n_dev}")
+  if dataset is None:
+    dataset = data_lib.load_mnist(config.mnist_dir, config.data_dir)
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
 
-  train_x = jax.device_put(dataset["train_images"], replicated)
-  train_y = jax.device_put(dataset["train_labels"], replicated)
-  test_x = jax.device_put(dataset["test_images"], replicated)
+  # Every process holds the whole (small) dataset on each device; each batch is
+  # gathered inside the step and split along the `data` axis, so a device
+  # only computes on its shard and BatchNorm sees the global batch.
+  train_x, train_y, test_x = replicate(
+      (dataset["train_images"], dataset["train_labels"], dataset["test_images"]), replicated)
   test_y = dataset["test_labels"]
   num_train = train_x.shape[0]
   steps_per_epoch = num_train // config.batch_size
@@ -318,10 +345,10 @@ def train_and_evaluate(
   key = jax.random.PRNGKey(config.seed)
   init_key, data_key = jax.random.split(key)
   state, lr_fn = create_train_state(config, init_key, steps_per_epoch)
-  state = jax.device_put(state, replicated)
+  state = replicate(state, replicated)
   model = model_lib.create_model(config)
   n_params = model_lib.count_params(state.params)
-  print(f"model: {n_params:,} parameters; {steps_per_epoch} steps/epoch of "
+  _log(f"model: {n_params:,} parameters; {steps_per_epoch} steps/epoch of "
         f"{config.batch_size}", flush=True)
 
   chunk = steps_per_call(jax.default_backend())
@@ -335,14 +362,15 @@ def train_and_evaluate(
   test_nums = data_lib.test_numbers(test_y.shape[0], config.eval_seed)
   history = []
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  open(metrics_path, "w").close()
+  if main_process:
+    open(metrics_path, "w").close()
   train_seconds = 0.0
   for epoch in range(1, config.epochs + 1):
     t0 = time.perf_counter()
     indices, numbers = plan_fn(data_key, epoch, num_train, config.batch_size)
     losses = []
     with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", unit="step",
-              leave=False, disable=None, miniters=chunk) as bar:
+              leave=False, disable=None if main_process else True, miniters=chunk) as bar:
       for start in range(0, steps_per_epoch, chunk):
         stop = min(start + chunk, steps_per_epoch)
         if chunk == 1:
@@ -353,7 +381,7 @@ def train_and_evaluate(
                              numbers[start:stop], batch_sharding=batch_sharding)
         losses.append(m["loss"])
         bar.update(stop - start)
-    losses = np.concatenate([np.ravel(x) for x in jax.device_get(losses)])
+    losses = np.concatenate([np.ravel(x) for x in to_host(losses)])
     seconds = time.perf_counter() - t0
     train_seconds += seconds
     if not np.all(np.isfinite(losses)):
@@ -366,9 +394,10 @@ def train_and_evaluate(
            **{f"test_{k}": v for k, v in scores.items()},
            "lr": float(lr_fn(int(state.step) - 1)), "seconds": seconds}
     history.append(row)
-    with open(metrics_path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-    print(_log_line(epoch, config.epochs, row), flush=True)
+    if main_process:
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    _log(_log_line(epoch, config.epochs, row))
 
   # Final evaluation: fixed test pairs and the exhaustive set, for each weight set.
   ex_index, ex_nums = data_lib.exhaustive_pairs(test_y.shape[0])
@@ -386,10 +415,9 @@ def train_and_evaluate(
         variables, test_x, test_y, test_index, test_nums)
     ex_scores, _ = evaluate_(variables, test_x, test_y, ex_index, ex_nums)
     results[name] = {"test": test_scores, "exhaustive": ex_scores}
-    print(f"{name:5s}  test joint {test_scores['joint_acc']:.4f}  exhaustive: digit "
-          f"{ex_scores['digit_acc']:.4f} sum {ex_scores['sum_acc']:.4f} joint "
-          f"{ex_scores['joint_acc']:.4f} consistency {ex_scores['consistency']:.4f}",
-          flush=True)
+    _log(f"{name:5s}  test joint {test_scores['joint_acc']:.4f}  exhaustive: digit "
+         f"{ex_scores['digit_acc']:.4f} sum {ex_scores['sum_acc']:.4f} joint "
+         f"{ex_scores['joint_acc']:.4f} consistency {ex_scores['consistency']:.4f}")
     if name == list(weight_sets)[-1]:
       best_preds = (digit_pred, sum_pred)
 
@@ -398,26 +426,52 @@ def train_and_evaluate(
       "backend": jax.default_backend(),
       "devices": jax.device_count(),
       "processes": jax.process_count(),
+      "local_devices": jax.local_device_count(),
       "device_kind": jax.devices()[0].device_kind,
       "train_seconds": train_seconds,
       "config": config.to_dict(),
       "versions": {"jax": jax.__version__, "flax": flax.__version__,
                    "optax": optax.__version__, "python": platform.python_version()},
   })
+  if not main_process:
+    return results
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
 
   if write_artifacts:
     from adder import checkpoint, plots  # pylint: disable=g-import-not-at-top
     checkpoint.save(os.path.join(workdir, "checkpoint"),
-                    jax.device_get(weight_sets), config)
+                    to_host(weight_sets), config)
     plots.write_all(workdir, history, dataset["test_images"], test_y, test_nums,
                     *best_preds)
   return results
 
 
-def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, str]:
-  """Flags -> (Config, workdir). Unset flags keep `Config`'s defaults."""
+_CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def initialize_distributed(
+    coordinator: Optional[str] = None,
+    num_processes: Optional[int] = None,
+    process_id: Optional[int] = None,
+) -> None:
+  """Join a multi-process run: with the flags, or when a cluster launcher is seen.
+
+  With no flags, ``jax.distributed.initialize()`` is called only when a
+  launcher says there are several processes (SLURM, Open MPI, MPICH/PMI) or
+  ``JAX_COORDINATOR_ADDRESS`` is set; JAX then reads the rest from the
+  environment. A single process needs none of this.
+  """
+  if coordinator or num_processes is not None or process_id is not None:
+    jax.distributed.initialize(coordinator_address=coordinator,
+                               num_processes=num_processes, process_id=process_id)
+  elif os.environ.get("JAX_COORDINATOR_ADDRESS") or any(
+      int(os.environ.get(v, "1") or 1) > 1 for v in _CLUSTER_ENV):
+    jax.distributed.initialize()
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Namespace]:
+  """Flags -> (Config, the parsed flags). Unset flags keep `Config`'s defaults."""
   d = Config()
   p = argparse.ArgumentParser(
       prog="python -m adder.train",
@@ -444,6 +498,13 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, str]:
                  help="do not average weights over the last 25%% of steps")
   p.add_argument("--require-gpu", action="store_true",
                  help="refuse to train unless JAX sees a GPU")
+  multi = p.add_argument_group(
+      "several hosts", "one process per host; without these flags a SLURM / MPI "
+      "launch or $JAX_COORDINATOR_ADDRESS is detected")
+  multi.add_argument("--coordinator", default=None,
+                     help="HOST:PORT of process 0, for jax.distributed.initialize")
+  multi.add_argument("--num-processes", type=int, default=None, help="number of processes")
+  multi.add_argument("--process-id", type=int, default=None, help="this process, 0-based")
   a = p.parse_args(argv)
   for name in ("epochs", "batch_size"):
     if getattr(a, name) < 1:
@@ -454,12 +515,14 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, str]:
       epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
       mnist_dir=a.mnist_dir, data_dir=a.data_dir, swa=not a.no_swa,
       require_gpu=a.require_gpu)
-  return config, a.workdir
+  return config, a
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-  config, workdir = parse_args(argv)
+  config, args = parse_args(argv)
+  workdir = args.workdir
   try:
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     train_and_evaluate(config, workdir)
   except (data_lib.DataError, FloatingPointError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

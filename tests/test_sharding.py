@@ -1,0 +1,86 @@
+"""Data-parallel training over several devices, simulated on the CPU.
+
+Each test runs in a subprocess with ``--xla_force_host_platform_device_count=2``
+(the device count is fixed when JAX starts).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import REPO, real_mnist_dir
+
+TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+
+
+def _run(args, timeout=600):
+  return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                        env={**os.environ, **TWO_DEVICES, "PYTHONPATH": str(REPO)})
+
+
+STEPS_ON_ONE_AND_TWO_DEVICES = textwrap.dedent("""
+    import json
+    import jax, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from adder import data, train
+    from adder.config import Config
+
+    assert jax.device_count() == 2, jax.devices()
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (256, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 10, 256).astype(np.int32)
+    config = Config(batch_size=32, epochs=1)
+    idx, nums = data.epoch_plan(jax.random.PRNGKey(1), 0, 256, 32)
+
+    def run(devices):
+      mesh = Mesh(np.array(devices), ("data",))
+      rep, by_data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+      state, _ = train.create_train_state(config, jax.random.PRNGKey(0), 8)
+      state, xs, ys = train.replicate((state, x, y), rep)
+      step = jax.jit(train.train_batch, static_argnames="batch_sharding")
+      hlo = step.lower(state, xs, ys, idx[0], nums[0], batch_sharding=by_data).compile().as_text()
+      for k in range(4):
+        state, _ = step(state, xs, ys, idx[k], nums[k], batch_sharding=by_data)
+      return train.to_host((state.params, state.batch_stats)), hlo
+
+    (one, hlo1), (two, hlo2) = run(jax.devices()[:1]), run(jax.devices())
+    diff = max(float(np.max(np.abs(a - b))) for a, b in
+               zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(two)))
+    print(json.dumps({"max_abs_diff": diff, "all_reduce_1": "all-reduce" in hlo1,
+                      "all_reduce_2": "all-reduce" in hlo2}))
+""")
+
+
+def test_two_devices_match_one_device_with_the_same_global_batch():
+  r = _run([sys.executable, "-c", STEPS_ON_ONE_AND_TWO_DEVICES])
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = json.loads(r.stdout.strip().splitlines()[-1])
+  # The 2-device step really is split: gradients and BatchNorm moments are summed
+  # across devices; on one device there is nothing to sum.
+  assert out["all_reduce_2"] and not out["all_reduce_1"]
+  assert out["max_abs_diff"] <= 1e-5, out
+
+
+def test_batch_size_must_divide_over_devices(tmp_path):
+  r = _run([sys.executable, "-m", "adder.train", "--batch-size", "15", "--epochs", "1",
+            "--workdir", str(tmp_path)])
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "does not divide over 2 devices" in errors[0], r.stderr
+
+
+@pytest.mark.skipif(real_mnist_dir() is None,
+                    reason="the official MNIST files are not at ../shared/mnist "
+                           "or $ADDER_MNIST_DIR")
+def test_cli_trains_on_two_devices(tmp_path):
+  r = _run([sys.executable, "-m", "adder.train", "--epochs", "1", "--batch-size", "256",
+            "--no-swa", "--mnist-dir", real_mnist_dir(), "--data-dir", str(tmp_path / "tfds"),
+            "--workdir", str(tmp_path / "run")], timeout=900)
+  assert r.returncode == 0, r.stderr[-3000:]
+  results = json.load(open(tmp_path / "run" / "results.json"))
+  assert results["devices"] == 2 and results["processes"] == 1
+  assert results["final"]["test"]["digit_acc"] > 0.9
