@@ -33,7 +33,7 @@ class Config:
   bn_epsilon: float = 1e-5
 
   # --- optimizer: SGD with momentum on PyTorch's OneCycleLR ---
-  lr: float = 0.1  # peak learning rate (OneCycleLR's max_lr)
+  lr: float = 0.2  # peak learning rate (OneCycleLR's max_lr); chosen by experiments/sweep.py
   pct_start: float = 0.3  # share of steps spent warming up
   div_factor: float = 25.0  # initial lr = lr / div_factor
   final_div_factor: float = 1e4  # final lr = initial lr / final_div_factor

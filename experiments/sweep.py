@@ -51,9 +51,9 @@ def main(argv=None) -> int:
     rows.append(f"| {bs} | {lr} | {t['digit_acc']:.4f} | {t['sum_acc']:.4f} | "
                 f"{t['joint_acc']:.4f} | {ex['joint_acc']:.4f} | {img_s:.0f} |")
     print("\n".join(rows), flush=True)
-  if a.out:
-    with open(a.out, "w") as f:
-      f.write(f"epochs={a.epochs} seed={a.seed}\n\n" + "\n".join(rows) + "\n")
+    if a.out:  # after every row: a long sweep stopped early keeps what it measured
+      with open(a.out, "w") as f:
+        f.write(f"epochs={a.epochs} seed={a.seed}\n\n" + "\n".join(rows) + "\n")
   return 0
 
 
