@@ -349,7 +349,7 @@ def train_and_evaluate(
   model = model_lib.create_model(config)
   n_params = model_lib.count_params(state.params)
   _log(f"model: {n_params:,} parameters; {steps_per_epoch} steps/epoch of "
-        f"{config.batch_size}", flush=True)
+       f"{config.batch_size}")
 
   chunk = steps_per_call(jax.default_backend())
   plan_fn = jax.jit(data_lib.epoch_plan, static_argnums=(2, 3))
