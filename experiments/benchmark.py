@@ -1,0 +1,777 @@
+"""Benchmark: adder's JAX trainer against the PyTorch reference, side by side.
+
+Command (from the repository root; it writes its section of BENCHMARKS.md):
+
+  python experiments/benchmark.py --seeds 3 --epochs 20 --mnist-dir ../shared/mnist
+
+last run: see BENCHMARKS.md
+
+One run on one machine measures, with the same model, batch size and epochs:
+
+* (a) `adder.train`'s JAX trainer, driven the way `adder.train` drives it
+  (`adder.train.steps_per_call` steps per jit call of `train_batch` or
+  `train_steps`, `train_and_evaluate` for the training runs);
+* (b) the PyTorch reference (``experiments/torch_reference.py``) with the
+  original pipeline: the per-sample `MNISTAdder` Dataset behind a DataLoader;
+* (c) the same reference with the whole training set in memory as tensors.
+
+Each of (a), (b), (c) runs in its own subprocess (this script with a hidden
+``--_worker`` flag), one after the other, so that its peak RSS is its own and
+no framework's threads compete with another's. If both JAX and PyTorch see a
+GPU, JAX runs on it and PyTorch on ``cuda`` ("GPU" section); otherwise both run
+on the CPU ("CPU" section, JAX forced there with ``JAX_PLATFORMS=cpu``).
+
+``--quick`` (for the tests, under a minute) runs on small fake data shaped like
+`adder.data.load_mnist`'s output unless ``--mnist-dir`` is given, with 1 epoch,
+1 seed and a few timing steps, and prints the markdown instead of writing
+BENCHMARKS.md unless ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import glob
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+import numpy as np
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO_ROOT not in sys.path:
+  sys.path.insert(0, _REPO_ROOT)
+
+from adder.config import Config  # noqa: E402  (imports no framework)
+
+SCRIPT = os.path.abspath(__file__)
+DEFAULT_OUT = os.path.join(_REPO_ROOT, "BENCHMARKS.md")
+TARGET_JOINT_ACC = 0.99  # "time to 99%": first epoch whose test joint accuracy reaches it
+WORKERS = ("jax", "torch_dataloader", "torch_inmemory")
+LABELS = {"jax": "(a) JAX adder.train", "torch_dataloader": "(b) PyTorch DataLoader",
+          "torch_inmemory": "(c) PyTorch in memory"}
+# --quick: sizes of the fake (or subset) data and of the evaluation batches.
+QUICK_TRAIN, QUICK_TEST, QUICK_EVAL_BATCH = 512, 200, 1000
+FILE_HEADER = (
+    "# Benchmarks\n\n"
+    "Each section below is written by `experiments/benchmark.py` from one run (its "
+    "command is inside); rerun the command to update a section, do not edit by hand.\n")
+
+
+# --- flags ------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+  """Flags, with the defaults of full and ``--quick`` runs resolved."""
+  d = Config()
+  p = argparse.ArgumentParser(
+      prog="python experiments/benchmark.py",
+      description="Time and score adder's JAX trainer against the PyTorch reference "
+                  "(DataLoader and in-memory pipelines) and write BENCHMARKS.md.")
+  p.add_argument("--epochs", type=int, default=None,
+                 help=f"epochs of each training run (default: {d.epochs}; --quick: 1)")
+  p.add_argument("--seeds", type=int, default=None,
+                 help="training runs per pipeline, seeds 0..N-1 (default: 3; --quick: 1)")
+  p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
+  p.add_argument("--steps", type=int, default=None,
+                 help="training steps timed at steady state, after a first call timed "
+                      "apart (default: 300; --quick: 5)")
+  p.add_argument("--num-workers", type=int, default=0,
+                 help="DataLoader worker processes of (b) (default: %(default)s, as the "
+                      "reference)")
+  p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                 help="auto: GPU if both JAX and PyTorch see one, else CPU (default)")
+  p.add_argument("--mnist-dir", default=None,
+                 help="folder with the four official MNIST IDX .gz files (default: "
+                      "$ADDER_MNIST_DIR, else TFDS downloads; --quick: fake data)")
+  p.add_argument("--data-dir", default=None,
+                 help="where TFDS keeps the prepared dataset (default: $TFDS_DATA_DIR "
+                      "or ~/tensorflow_datasets)")
+  p.add_argument("--quick", action="store_true",
+                 help=f"for tests: fake data ({QUICK_TRAIN} train / {QUICK_TEST} test "
+                      "images) unless --mnist-dir, 1 epoch, 1 seed, 5 timing steps; "
+                      "prints the markdown unless --out is given")
+  p.add_argument("--json", default=None, metavar="PATH", help="also write the figures here")
+  p.add_argument("--out", default=None, metavar="PATH",
+                 help="markdown file whose CPU or GPU section this run replaces "
+                      "(default: BENCHMARKS.md at the repository root; --quick: none)")
+  # Internal: one framework's measurements in a subprocess (see `_run_worker`).
+  p.add_argument("--_worker", dest="worker", choices=WORKERS, help=argparse.SUPPRESS)
+  p.add_argument("--_data", dest="worker_data", help=argparse.SUPPRESS)
+  p.add_argument("--_result", dest="worker_result", help=argparse.SUPPRESS)
+  p.add_argument("--_device", dest="worker_device", choices=("cpu", "gpu"),
+                 help=argparse.SUPPRESS)
+  a = p.parse_args(argv)
+  if a.epochs is None:
+    a.epochs = 1 if a.quick else d.epochs
+  if a.seeds is None:
+    a.seeds = 1 if a.quick else 3
+  if a.steps is None:
+    a.steps = 5 if a.quick else 300
+  for name in ("epochs", "seeds", "batch_size", "steps"):
+    if getattr(a, name) < 1:
+      p.error(f"--{name.replace('_', '-')} must be at least 1")
+  if a.num_workers < 0:
+    p.error("--num-workers must be at least 0")
+  if a.out is None and not a.quick:
+    a.out = DEFAULT_OUT
+  return a
+
+
+def benchmark_config(a: argparse.Namespace) -> Config:
+  """The `Config` every pipeline trains with (seed replaced per run)."""
+  config = Config().replace(epochs=a.epochs, batch_size=a.batch_size)
+  if a.quick:
+    config = config.replace(eval_batch_size=QUICK_EVAL_BATCH)
+  return config
+
+
+# --- data -------------------------------------------------------------------------
+
+
+def fake_mnist(num_train: int, num_test: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """Arrays shaped like `adder.data.load_mnist`'s: a fixed blob per class plus noise."""
+  rng = np.random.default_rng(seed)
+  patterns = rng.uniform(0, 255, (10, 28, 28)) * (rng.uniform(size=(10, 28, 28)) > 0.6)
+
+  def split(n):
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    images = np.clip(patterns[labels] + rng.normal(0, 30, (n, 28, 28)), 0, 255)
+    return images.astype(np.uint8), labels
+
+  (train_x, train_y), (test_x, test_y) = split(num_train), split(num_test)
+  return {"train_images": train_x, "train_labels": train_y,
+          "test_images": test_x, "test_labels": test_y}
+
+
+def load_dataset(a: argparse.Namespace) -> tuple[dict[str, np.ndarray], str]:
+  """The benchmark's data and a description of it; exits with status 2 without MNIST."""
+  if a.quick and a.mnist_dir is None:
+    return fake_mnist(QUICK_TRAIN, QUICK_TEST), (
+        f"fake MNIST-shaped data ({QUICK_TRAIN} train / {QUICK_TEST} test images, --quick)")
+  from adder import data as data_lib  # pylint: disable=g-import-not-at-top
+  try:
+    dataset = data_lib.load_mnist(a.mnist_dir, a.data_dir)
+  except data_lib.DataError as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+  if a.quick:
+    dataset = {k: v[:QUICK_TRAIN if k.startswith("train") else QUICK_TEST]
+               for k, v in dataset.items()}
+    return dataset, (f"MNIST subset (first {QUICK_TRAIN} train / {QUICK_TEST} test "
+                     "images, --quick)")
+  return dataset, (f"MNIST ({len(dataset['train_labels'])} train / "
+                   f"{len(dataset['test_labels'])} test images)")
+
+
+# --- helpers shared by the workers ------------------------------------------------
+
+
+def _max_rss_mib() -> float:
+  """This process's RSS high-water mark so far (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _read_history(workdir: str) -> list[dict[str, Any]]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _scores(results: dict[str, Any]) -> dict[str, Any]:
+  """The ``final``/``swa`` -> ``test``/``exhaustive`` metrics of a results dict."""
+  return {k: results[k] for k in ("final", "swa") if k in results}
+
+
+def _steady_figures(first_s: float, steady_s: float, calls: int, steps_per_call: int,
+                    batch_size: int) -> dict[str, float]:
+  per_call = steady_s / calls
+  return {"first_call_s": first_s, "steady_s": steady_s,
+          "steps": calls * steps_per_call, "steps_per_call": steps_per_call,
+          "img_s": calls * steps_per_call * batch_size / steady_s,
+          "compile_s": first_s - per_call}
+
+
+# --- (a) JAX ----------------------------------------------------------------------
+
+
+def _run_jax(a: argparse.Namespace, dataset: dict[str, np.ndarray]) -> dict[str, Any]:
+  """Measurements of adder's JAX trainer: steady steps, evaluation, training runs."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax
+  import jaxlib
+  import optax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from adder import data as data_lib
+  from adder import model as model_lib
+  from adder import train as train_lib
+
+  config = benchmark_config(a)
+  rss_start = _max_rss_mib()
+  backend = jax.default_backend()
+
+  # Steady-state steps, set up as `train_and_evaluate` sets them up.
+  mesh = train_lib.create_mesh()
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+  train_x, train_y, test_x = train_lib.replicate(
+      (dataset["train_images"], dataset["train_labels"], dataset["test_images"]), replicated)
+  num_train = train_x.shape[0]
+  steps_per_epoch = num_train // config.batch_size
+  chunk = train_lib.steps_per_call(backend)
+  calls = -(-a.steps // chunk)
+  init_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  state, _ = train_lib.create_train_state(config, init_key, steps_per_epoch)
+  state = train_lib.replicate(state, replicated)
+  plan_fn = jax.jit(data_lib.epoch_plan, static_argnums=(2, 3))
+  plans = [plan_fn(data_key, epoch, num_train, config.batch_size)
+           for epoch in range(1, -(-(calls + 1) * chunk // steps_per_epoch) + 1)]
+  indices, numbers = (jax.numpy.concatenate(x) for x in zip(*plans))
+  step_fn = jax.jit(train_lib.train_batch if chunk == 1 else train_lib.train_steps,
+                    donate_argnums=0, static_argnames="batch_sharding")
+
+  def call(state, c):
+    rows = c if chunk == 1 else slice(c * chunk, (c + 1) * chunk)
+    return step_fn(state, train_x, train_y, indices[rows], numbers[rows],
+                   batch_sharding=batch_sharding)
+
+  t0 = time.perf_counter()
+  state, m = call(state, 0)
+  jax.block_until_ready((state, m))
+  first_s = time.perf_counter() - t0
+  losses = []
+  t0 = time.perf_counter()
+  for c in range(1, calls + 1):
+    state, m = call(state, c)
+    losses.append(m["loss"])
+  losses = train_lib.to_host(losses)  # one host sync at the end, as the trainer's epoch
+  jax.block_until_ready(state)
+  steady_s = time.perf_counter() - t0
+  if not all(np.all(np.isfinite(x)) for x in losses):
+    raise FloatingPointError("JAX timing steps gave a non-finite loss")
+  train = _steady_figures(first_s, steady_s, calls, chunk, config.batch_size)
+
+  # Evaluation throughput on the exhaustive set, in `train_and_evaluate`'s batches.
+  model = model_lib.create_model(config)
+  predict_fn = jax.jit(functools.partial(train_lib.predict, model.apply))
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  test_y = dataset["test_labels"]
+  num_test = len(test_y)
+  evaluate = functools.partial(train_lib.evaluate, predict_fn, variables, test_x, test_y,
+                               batch_size=config.eval_batch_size)
+  evaluate(np.arange(num_test, dtype=np.int32),
+           data_lib.test_numbers(num_test, config.eval_seed))  # compiles
+  ex_index, ex_nums = data_lib.exhaustive_pairs(num_test)
+  t0 = time.perf_counter()
+  evaluate(ex_index, ex_nums)
+  eval_s = time.perf_counter() - t0
+
+  runs = []
+  for seed in range(a.seeds):
+    with tempfile.TemporaryDirectory() as workdir:
+      results = train_lib.train_and_evaluate(
+          config.replace(seed=seed), workdir, dataset=dataset, write_artifacts=False)
+      runs.append({"seed": seed, "history": _read_history(workdir),
+                   "scores": _scores(results)})
+
+  device_peak = None
+  if backend != "cpu":
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+      device_peak = stats["peak_bytes_in_use"] / 2**20
+  return {
+      "params": model_lib.count_params(state.params),
+      "train": train,
+      "eval": {"cases": len(ex_index), "seconds": eval_s, "img_s": len(ex_index) / eval_s,
+               "batch_size": config.eval_batch_size},
+      "runs": runs,
+      "memory": {"rss_start_mib": rss_start, "peak_rss_mib": _max_rss_mib(),
+                 "device_peak_mib": device_peak},
+      "info": {"backend": backend, "devices": [str(d) for d in jax.devices()],
+               "device_kind": jax.devices()[0].device_kind,
+               "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                            "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+                            "optax": optax.__version__, "numpy": np.__version__}},
+  }
+
+
+# --- (b), (c) PyTorch -------------------------------------------------------------
+
+
+def _load_torch_reference():
+  sys.path.insert(0, os.path.dirname(SCRIPT))
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  return torch_reference
+
+
+def _run_torch(a: argparse.Namespace, dataset: dict[str, np.ndarray], pipeline: str,
+               device_name: str) -> dict[str, Any]:
+  """Measurements of the PyTorch reference with one pipeline (``dataloader``/``inmemory``)."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  from adder import data as data_lib
+  ref = _load_torch_reference()
+
+  config = benchmark_config(a)
+  rss_start = _max_rss_mib()
+  device = torch.device(device_name)
+
+  def sync():
+    if device.type == "cuda":
+      torch.cuda.synchronize(device)
+
+  # Steady-state steps of `torch_reference.train_step`, batches made as its epochs make
+  # them (`train_epoch_in_memory` / `train_epoch_dataloader`), across epoch ends.
+  train_x, train_y = dataset["train_images"], dataset["train_labels"]
+  n, batch_size = len(train_y), config.batch_size
+  steps_per_epoch = n // batch_size
+  run = ref.create_run(config.replace(epochs=-(-(a.steps + 1) // steps_per_epoch)),
+                       steps_per_epoch, device=device)
+  if pipeline == "inmemory":
+    images = ref.normalize_images(torch.as_tensor(train_x)).to(device)
+    labels = torch.as_tensor(train_y, dtype=torch.int64).to(device)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def batches():
+      while True:
+        perm = torch.randperm(n, generator=generator)[: steps_per_epoch * batch_size]
+        perm = perm.view(steps_per_epoch, batch_size).to(device)
+        nums = torch.randint(ref.NUM_DIGITS, (steps_per_epoch, batch_size),
+                             generator=generator)
+        nums = nums.to(device)
+        for idx, num in zip(perm, nums):
+          digits = labels[idx]
+          yield images[idx], num, digits, digits + num
+  else:
+    loader = ref.make_loader(train_x, train_y, batch_size, seed=config.seed,
+                             num_workers=a.num_workers)
+
+    def batches():
+      while True:
+        for (images, nums), (digits, sums) in loader:
+          yield (images.to(device, non_blocking=True), nums.to(device, non_blocking=True),
+                 digits.to(device, non_blocking=True), sums.to(device, non_blocking=True))
+
+  stream = batches()
+  t0 = time.perf_counter()
+  float(ref.train_step(run, *next(stream)))
+  sync()
+  first_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  losses = [ref.train_step(run, *next(stream)) for _ in range(a.steps)]
+  mean_loss = float(torch.stack(losses).mean())  # host sync, as the reference's epochs
+  sync()
+  steady_s = time.perf_counter() - t0
+  if not math.isfinite(mean_loss):
+    raise FloatingPointError(f"PyTorch ({pipeline}) timing steps gave loss {mean_loss}")
+  train = _steady_figures(first_s, steady_s, a.steps, 1, batch_size)
+
+  # Evaluation does not depend on the training pipeline: measured once, in (c).
+  evaluation = None
+  if pipeline == "inmemory":
+    test_x, test_y = dataset["test_images"], dataset["test_labels"]
+    num_test = len(test_y)
+    ref.evaluate(run.model, test_x, test_y, np.arange(num_test, dtype=np.int32),
+                 data_lib.test_numbers(num_test, config.eval_seed),
+                 config.eval_batch_size)  # warm-up
+    ex_index, ex_nums = data_lib.exhaustive_pairs(num_test)
+    t0 = time.perf_counter()
+    ref.evaluate(run.model, test_x, test_y, ex_index, ex_nums, config.eval_batch_size)
+    eval_s = time.perf_counter() - t0
+    evaluation = {"cases": len(ex_index), "seconds": eval_s,
+                  "img_s": len(ex_index) / eval_s, "batch_size": config.eval_batch_size}
+
+  runs = []
+  for seed in range(a.seeds):
+    with tempfile.TemporaryDirectory() as workdir:
+      results = ref.train(config.replace(seed=seed), workdir, dataset=dataset,
+                          pipeline=pipeline, num_workers=a.num_workers,
+                          device=device_name)
+      runs.append({"seed": seed, "history": _read_history(workdir),
+                   "scores": _scores(results)})
+
+  return {
+      "params": sum(p.numel() for p in run.model.parameters()),
+      "train": train,
+      "eval": evaluation,
+      "runs": runs,
+      "memory": {"rss_start_mib": rss_start, "peak_rss_mib": _max_rss_mib(),
+                 "device_peak_mib": (torch.cuda.max_memory_allocated(device) / 2**20
+                                     if device.type == "cuda" else None)},
+      "info": {"device": str(device), "threads": torch.get_num_threads(),
+               "interop_threads": torch.get_num_interop_threads(),
+               "num_workers": a.num_workers,
+               "gpu": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                       else None),
+               "versions": {"torch": torch.__version__}},
+  }
+
+
+def _run_worker(a: argparse.Namespace) -> int:
+  """Subprocess entry: measure one pipeline, write its figures to ``--_result``."""
+  with np.load(a.worker_data) as f:
+    dataset = {k: f[k] for k in f.files}
+  if a.worker == "jax":
+    result = _run_jax(a, dataset)
+  else:
+    pipeline = a.worker.split("_", 1)[1]
+    result = _run_torch(a, dataset, pipeline, "cuda" if a.worker_device == "gpu" else "cpu")
+  with open(a.worker_result, "w") as f:
+    json.dump(result, f)
+  return 0
+
+
+# --- the parent: choose the device, run the workers, write the report -------------
+
+
+def _probe(code: str, env: dict[str, str]) -> str:
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                       text=True, check=False)
+  return out.stdout.strip()
+
+
+def choose_device(requested: str) -> str:
+  """``gpu`` if both frameworks see a GPU (``auto``/``gpu``), else ``cpu``.
+
+  Probed in subprocesses, so that this process holds no GPU memory; skipped
+  when no NVIDIA device node exists.
+  """
+  if requested == "cpu":
+    return "cpu"
+  if not glob.glob("/dev/nvidia[0-9]*"):
+    jax_gpu = torch_gpu = False
+  else:
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    jax_gpu = _probe("import jax; print(jax.default_backend())", env) == "gpu"
+    torch_gpu = _probe("import torch; print(torch.cuda.is_available())", env) == "True"
+  if jax_gpu and torch_gpu:
+    return "gpu"
+  if requested == "gpu":
+    raise SystemExit(f"error: --device gpu: JAX sees a GPU: {jax_gpu}, PyTorch sees "
+                     f"one: {torch_gpu}; both must")
+  return "cpu"
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def command_line(argv: list[str]) -> str:
+  """The command as typed from the repository root, with XLA_FLAGS if set."""
+  env = f"XLA_FLAGS={shlex.quote(os.environ['XLA_FLAGS'])} " if os.environ.get(
+      "XLA_FLAGS") else ""
+  return f"{env}python {os.path.relpath(SCRIPT, _REPO_ROOT)} {shlex.join(argv)}".rstrip()
+
+
+def _mean_std(values: list[float]) -> tuple[float, Optional[float]]:
+  values = [float(v) for v in values]
+  return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def time_to_target(history: list[dict[str, Any]],
+                   target: float = TARGET_JOINT_ACC) -> Optional[tuple[int, float]]:
+  """(epochs, training seconds) until test joint accuracy first reaches `target`, or None.
+
+  The seconds are the sum of the per-epoch training times up to that epoch
+  (evaluation excluded; the first epoch's includes any compilation).
+  """
+  seconds = 0.0
+  for row in history:
+    seconds += row["seconds"]
+    if row["test_joint_acc"] >= target:
+      return row["epoch"], seconds
+  return None
+
+
+def summarise(w: dict[str, Any], epochs: int) -> dict[str, Any]:
+  """One worker's measurements reduced to the figures of the tables."""
+  runs = w["runs"]
+  steady_epochs = [row["seconds"] for r in runs for row in r["history"]
+                   if epochs == 1 or row["epoch"] > 1]
+  reached = [t for t in (time_to_target(r["history"]) for r in runs) if t is not None]
+  s = {
+      "train_img_s": w["train"]["img_s"],
+      "compile_s": w["train"]["compile_s"],
+      "epoch_s": float(np.median(steady_epochs)),
+      "first_epoch_s": float(np.mean([r["history"][0]["seconds"] for r in runs])),
+      "eval_img_s": w["eval"]["img_s"] if w["eval"] else None,
+      "reached_99": len(reached),
+      "epochs_to_99": float(np.mean([e for e, _ in reached])) if reached else None,
+      "seconds_to_99": float(np.mean([t for _, t in reached])) if reached else None,
+      "peak_rss_mib": w["memory"]["peak_rss_mib"],
+      "rss_start_mib": w["memory"]["rss_start_mib"],
+      "device_peak_mib": w["memory"]["device_peak_mib"],
+      "params": w["params"],
+      "accuracy": {},
+  }
+  for weights in ("final", "swa"):
+    if all(weights in r["scores"] for r in runs):
+      for split, metric in (("test", "joint_acc"), ("exhaustive", "digit_acc"),
+                            ("exhaustive", "sum_acc"), ("exhaustive", "joint_acc"),
+                            ("exhaustive", "consistency")):
+        s["accuracy"][f"{weights}_{split}_{metric}"] = _mean_std(
+            [r["scores"][weights][split][metric] for r in runs])
+  return s
+
+
+def flat_figures(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """The JSON figures: ``{worker}_{figure}`` plus ``jax_eval_img_s``/``torch_eval_img_s``."""
+  out: dict[str, Any] = {}
+  for name, s in summaries.items():
+    for key, value in s.items():
+      if key == "accuracy":
+        for acc, (mean, std) in value.items():
+          out[f"{name}_{acc}_mean"] = mean
+          out[f"{name}_{acc}_std"] = std
+      elif key != "eval_img_s":
+        out[f"{name}_{key}"] = value
+  out["jax_eval_img_s"] = summaries["jax"]["eval_img_s"]
+  out["torch_eval_img_s"] = summaries["torch_inmemory"]["eval_img_s"]
+  for other in ("torch_dataloader", "torch_inmemory"):
+    out[f"jax_over_{other}_train_img_s"] = out["jax_train_img_s"] / out[f"{other}_train_img_s"]
+  out["jax_over_torch_eval_img_s"] = out["jax_eval_img_s"] / out["torch_eval_img_s"]
+  return out
+
+
+def _fmt(value: Optional[float], kind: str) -> str:
+  if value is None:
+    return "—"
+  return {"rate": f"{value:,.0f}", "s": f"{value:.2f}", "mib": f"{value:,.0f}",
+          "int": f"{value:,.0f}", "epochs": f"{value:.1f}", "acc": f"{value:.4f}"}[kind]
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> str:
+  # A first-call overhead can come out at or below zero (no compilation, noise).
+  return "—" if a is None or b is None or a <= 0 or b <= 0 else f"{a / b:.2f}×"
+
+
+def render_markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> str:
+  """The section for this run: set-up, speed and memory table, accuracy table, notes."""
+  jx, dl, im = (summaries[k] for k in WORKERS)
+  ji, ti = meta["jax_info"], meta["torch_info"]
+  section = meta["device"].upper()
+  seeds, epochs = meta["seeds"], meta["epochs"]
+  lines = [
+      f"## {section}: {meta['gpu'] if section == 'GPU' else meta['cpu']}"
+      + (" (--quick, not a measurement)" if meta["quick"] else ""),
+      "",
+      f"- Command (from the repository root): `{meta['command']}`",
+      f"- Date: {meta['date']}",
+      f"- Machine: CPU {meta['cpu']}, {meta['cores']} cores ({meta['usable_cores']} usable "
+      f"by this process); GPU: {meta['gpu'] or 'none used'}",
+      "- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+      f"- JAX: backend {ji['backend']}, devices {', '.join(ji['devices'])}; "
+      f"{jx['steps_per_call']} step(s) per jit call (`adder.train.steps_per_call`); "
+      f"XLA_FLAGS {'`' + meta['xla_flags'] + '`' if meta['xla_flags'] else 'unset'}",
+      f"- PyTorch: device {ti['device']}, {ti['threads']} threads "
+      f"(`torch.get_num_threads()`), {ti['interop_threads']} inter-op threads; "
+      f"DataLoader workers for (b): {ti['num_workers']}",
+      f"- Data: {meta['data']}",
+      f"- Runs: batch size {meta['batch_size']}, {epochs} epoch(s), seeds "
+      f"0..{seeds - 1} per pipeline; steady state timed over {jx['steps']} steps "
+      f"(JAX) / {meta['steps']} steps (PyTorch) after a first call timed apart; "
+      f"evaluation batch {meta['eval_batch_size']}",
+      "",
+      "### Speed and memory",
+      "",
+      f"| figure | {LABELS['jax']} | {LABELS['torch_dataloader']} | "
+      f"{LABELS['torch_inmemory']} | (a)/(b) | (a)/(c) | better |",
+      "|---|---:|---:|---:|---:|---:|---|",
+  ]
+
+  def row(name, key, kind, better):
+    a, b, c = jx[key], dl[key], im[key]
+    lines.append(f"| {name} | {_fmt(a, kind)} | {_fmt(b, kind)} | {_fmt(c, kind)} | "
+                 f"{_ratio(a, b)} | {_ratio(a, c)} | {better} |")
+
+  row("training throughput, steady state (images/s)", "train_img_s", "rate", "higher")
+  row("compilation / first-call overhead (s)", "compile_s", "s", "lower")
+  row("seconds per epoch" + (" (median of epochs 2+)" if epochs > 1 else
+                             " (epoch 1, with compilation)"), "epoch_s", "s", "lower")
+  if epochs > 1:
+    row("first epoch, with compilation (s)", "first_epoch_s", "s", "lower")
+  jax_eval, torch_eval = jx["eval_img_s"], im["eval_img_s"]
+  lines.append(
+      f"| evaluation throughput, exhaustive set of {meta['exhaustive_cases']:,} cases "
+      f"(cases/s; one PyTorch measurement, shown under (b) and (c)) | "
+      f"{_fmt(jax_eval, 'rate')} | {_fmt(torch_eval, 'rate')} | {_fmt(torch_eval, 'rate')} | "
+      f"{_ratio(jax_eval, torch_eval)} | {_ratio(jax_eval, torch_eval)} | higher |")
+  reach = {k: (f" ({s['reached_99']}/{seeds} seeds)" if 0 < s["reached_99"] < seeds else "")
+           for k, s in summaries.items()}
+  for name, key, kind in (("epochs", "epochs_to_99", "epochs"),
+                          ("training seconds", "seconds_to_99", "s")):
+    cells = [(_fmt(s[key], kind) + reach[k]) if s[key] is not None else "not reached"
+             for k, s in summaries.items()]
+    lines.append(f"| time to {TARGET_JOINT_ACC:.0%} test joint accuracy: {name} | "
+                 f"{' | '.join(cells)} | {_ratio(jx[key], dl[key])} | "
+                 f"{_ratio(jx[key], im[key])} | lower |")
+  row("peak RSS of the framework's process (MiB)", "peak_rss_mib", "mib", "lower")
+  row("RSS after imports and data load (MiB)", "rss_start_mib", "mib", "lower")
+  if section == "GPU":
+    row("peak device memory (MiB)", "device_peak_mib", "mib", "lower")
+  row("parameters", "params", "int", "equal")
+
+  over = f"mean ± sample std over {seeds} seeds" if seeds > 1 else "1 seed"
+  lines += [
+      "",
+      f"### Accuracy ({over}, {epochs} epoch(s))",
+      "",
+      f"| figure | {LABELS['jax']} | {LABELS['torch_dataloader']} | "
+      f"{LABELS['torch_inmemory']} | (a)/(b) | (a)/(c) |",
+      "|---|---:|---:|---:|---:|---:|",
+  ]
+  names = {"test_joint_acc": "test pairs, joint", "exhaustive_digit_acc": "exhaustive, digit",
+           "exhaustive_sum_acc": "exhaustive, sum", "exhaustive_joint_acc": "exhaustive, joint",
+           "exhaustive_consistency": "exhaustive, consistency"}
+  for key in jx["accuracy"]:
+    if not all(key in s["accuracy"] for s in summaries.values()):
+      continue
+    weights, metric = key.split("_", 1)
+    cells = []
+    for s in summaries.values():
+      mean, std = s["accuracy"][key]
+      cells.append(_fmt(mean, "acc") + (f" ± {std:.4f}" if std is not None else ""))
+    a_mean = jx["accuracy"][key][0]
+    lines.append(f"| {weights} weights, {names[metric]} | {' | '.join(cells)} | "
+                 f"{_ratio(a_mean, dl['accuracy'][key][0])} | "
+                 f"{_ratio(a_mean, im['accuracy'][key][0])} |")
+
+  lines += [
+      "",
+      "How each figure is measured:",
+      "",
+      "- Each pipeline runs in its own subprocess, one after the other, on the same data "
+      "and `adder.config.Config` (model, batch size, epochs, optimizer, SWA).",
+      "- Training throughput: images per second over the steady-state steps, timed "
+      "from after the first call to a host sync at the end. JAX: `train_batch` "
+      "(or `train_steps` over `steps_per_call` steps) jitted with the state donated, "
+      "batches indexed from `epoch_plan` on the device, exactly as `adder.train`'s "
+      "loop. PyTorch: `torch_reference.train_step` on batches built as the "
+      "reference's epochs build them (DataLoader over `MNISTAdder`, or indexing "
+      "tensors in memory).",
+      "- Compilation / first-call overhead: the first call's time minus the steady "
+      "time per call (JAX: tracing and XLA compilation; PyTorch: warm-up and, for "
+      "(b), starting the DataLoader iterator).",
+      "- Seconds per epoch and time to 99%: from the training runs (`adder.train."
+      "train_and_evaluate`, `torch_reference.train`), the per-epoch training time "
+      "each logs (evaluation excluded); time to 99% adds them up to the first epoch "
+      "whose test-pair joint accuracy reaches 99%, averaged over the seeds that "
+      "reach it.",
+      "- Evaluation throughput: after a warm-up on the test pairs, one pass of "
+      "`adder.train.evaluate` / `torch_reference.evaluate` (eval mode, predictions "
+      "and metrics) over the exhaustive set.",
+      "- Memory: `resource.getrusage(RUSAGE_SELF).ru_maxrss` of each pipeline's own "
+      "process at its end, a process-wide high-water mark over imports, data, timing, "
+      "evaluation and every training run (DataLoader worker processes, if any, are "
+      "not included)" + (
+          "; device memory: JAX's `memory_stats()['peak_bytes_in_use']`, PyTorch's "
+          "`torch.cuda.max_memory_allocated()`" if section == "GPU" else "") + ".",
+      "- Ratios are (a) divided by (b) or (c); the last column says which direction "
+      "is better for (a).",
+      "",
+  ]
+  return "\n".join(lines)
+
+
+def write_section(path: str, key: str, text: str) -> None:
+  """Put `text` into `path` between this section's markers, keeping other sections."""
+  begin, end = f"<!-- benchmark:{key}:begin -->", f"<!-- benchmark:{key}:end -->"
+  block = f"{begin}\n{text.rstrip()}\n{end}\n"
+  old = FILE_HEADER
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+  if begin in old and end in old:
+    head, rest = old.split(begin, 1)
+    new = head + block + rest.split(end, 1)[1].lstrip("\n")
+  else:
+    new = old.rstrip("\n") + "\n\n" + block
+  with open(path, "w") as f:
+    f.write(new)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  a = parse_args(argv)
+  if a.worker:
+    return _run_worker(a)
+
+  device = choose_device(a.device)
+  dataset, data_desc = load_dataset(a)
+  env = dict(os.environ)
+  if device == "cpu":
+    env["JAX_PLATFORMS"] = "cpu"
+  workers = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    data_path = os.path.join(tmp, "data.npz")
+    np.savez(data_path, **dataset)
+    for name in WORKERS:
+      print(f"=== {LABELS[name]} ===", flush=True)
+      result_path = os.path.join(tmp, f"{name}.json")
+      t0 = time.perf_counter()
+      rc = subprocess.run(
+          [sys.executable, SCRIPT, *argv, "--_worker", name, "--_data", data_path,
+           "--_result", result_path, "--_device", device], env=env, check=False).returncode
+      print(f"=== {LABELS[name]}: {time.perf_counter() - t0:.0f} s ===", flush=True)
+      if rc != 0:
+        print(f"error: the {LABELS[name]} run failed (exit {rc}); its output is above",
+              file=sys.stderr)
+        return 1
+      with open(result_path) as f:
+        workers[name] = json.load(f)
+
+  params = {k: w["params"] for k, w in workers.items()}
+  if len(set(params.values())) != 1:
+    print(f"error: the models differ in size: {params}", file=sys.stderr)
+    return 1
+  summaries = {k: summarise(w, a.epochs) for k, w in workers.items()}
+  summaries["jax"]["steps"] = workers["jax"]["train"]["steps"]
+  summaries["jax"]["steps_per_call"] = workers["jax"]["train"]["steps_per_call"]
+  ji, ti = workers["jax"]["info"], workers["torch_inmemory"]["info"]
+  meta = {
+      "device": device, "quick": a.quick, "command": command_line(argv),
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "cpu": cpu_model(), "cores": os.cpu_count(),
+      "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count(),
+      "gpu": ti["gpu"] if device == "gpu" else None,
+      "versions": {**ji["versions"], **ti["versions"]},
+      "xla_flags": os.environ.get("XLA_FLAGS"),
+      "jax_info": ji, "torch_info": ti, "data": data_desc,
+      "batch_size": a.batch_size, "epochs": a.epochs, "seeds": a.seeds, "steps": a.steps,
+      "eval_batch_size": benchmark_config(a).eval_batch_size,
+      "exhaustive_cases": workers["jax"]["eval"]["cases"],
+  }
+  markdown = render_markdown(meta, summaries)
+  print(markdown, flush=True)
+  if a.out:
+    write_section(a.out, device + ("-quick" if a.quick else ""), markdown)
+    print(f"wrote {a.out}", flush=True)
+  if a.json:
+    figures = flat_figures(summaries)
+    figures["meta"] = {k: v for k, v in meta.items() if k not in ("jax_info", "torch_info")}
+    figures["meta"].update(jax=ji, torch=ti)
+    with open(a.json, "w") as f:
+      json.dump(figures, f, indent=2)
+    print(f"wrote {a.json}", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,86 @@
+"""The benchmark script keeps working: ``--quick`` end to end, and its pure helpers.
+
+No timing is asserted: only that every figure exists, is a positive finite
+number, and that the report carries its tables and command.
+"""
+
+import importlib.util
+import json
+import math
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+def _load_benchmark():
+  path = REPO / "experiments" / "benchmark.py"
+  spec = importlib.util.spec_from_file_location("benchmark", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+bench = _load_benchmark()
+
+REQUIRED = ("jax_train_img_s", "torch_dataloader_train_img_s", "torch_inmemory_train_img_s",
+            "jax_eval_img_s", "torch_eval_img_s")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("benchmark")
+  json_path, out_path = tmp / "figures.json", tmp / "BENCH.md"
+  argv = ["--quick", "--device", "cpu", "--json", str(json_path), "--out", str(out_path)]
+  assert bench.main(argv) == 0
+  return argv, json.loads(json_path.read_text()), out_path.read_text()
+
+
+def test_quick_json_has_positive_finite_figures(quick_run):
+  _, figures, _ = quick_run
+  for key in REQUIRED + ("jax_compile_s", "jax_epoch_s", "jax_peak_rss_mib",
+                         "torch_inmemory_peak_rss_mib", "torch_dataloader_epoch_s"):
+    value = figures[key]
+    assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
+  assert figures["jax_params"] == figures["torch_dataloader_params"] == \
+      figures["torch_inmemory_params"] == 17_393
+  for name in ("jax", "torch_dataloader", "torch_inmemory"):
+    assert 0.0 <= figures[f"{name}_final_exhaustive_joint_acc_mean"] <= 1.0
+
+
+def test_quick_markdown_has_tables_and_command(quick_run):
+  argv, _, markdown = quick_run
+  assert markdown.startswith("# Benchmarks")
+  assert "<!-- benchmark:cpu-quick:begin -->" in markdown
+  assert "## CPU: " in markdown
+  assert ("| figure | (a) JAX adder.train | (b) PyTorch DataLoader | "
+          "(c) PyTorch in memory | (a)/(b) | (a)/(c) | better |") in markdown
+  assert ("| figure | (a) JAX adder.train | (b) PyTorch DataLoader | "
+          "(c) PyTorch in memory | (a)/(b) | (a)/(c) |\n") in markdown
+  assert "### Speed and memory" in markdown and "### Accuracy" in markdown
+  assert f"`{bench.command_line(argv)}`" in markdown
+  assert bench.command_line(argv).startswith("python experiments/benchmark.py --quick")
+  for word in ("jax", "jaxlib", "flax", "optax", "torch", "threads", "backend"):
+    assert word in markdown
+
+
+def test_time_to_target_sums_epoch_seconds_until_reached():
+  history = [{"epoch": 1, "seconds": 3.0, "test_joint_acc": 0.95},
+             {"epoch": 2, "seconds": 2.0, "test_joint_acc": 0.991},
+             {"epoch": 3, "seconds": 2.0, "test_joint_acc": 0.995}]
+  assert bench.time_to_target(history) == (2, 5.0)
+  assert bench.time_to_target(history[:1]) is None
+
+
+def test_write_section_replaces_only_its_own_section(tmp_path):
+  path = str(tmp_path / "B.md")
+  bench.write_section(path, "cpu", "## CPU\nold\n")
+  bench.write_section(path, "gpu", "## GPU\nkept\n")
+  bench.write_section(path, "cpu", "## CPU\nnew\n")
+  text = open(path).read()
+  assert text.startswith(bench.FILE_HEADER)
+  assert "new" in text and "old" not in text and "kept" in text
+  assert text.count("<!-- benchmark:cpu:begin -->") == 1
+  assert text.index("## CPU") < text.index("## GPU")
