@@ -68,3 +68,40 @@ class Config:
     if "conv_features" in d:
       d["conv_features"] = tuple(d["conv_features"])
     return cls(**d)
+
+
+def add_recipe_flags(parser) -> None:
+  """Flags shared by every trainer of the recipe (adder.train, the PyTorch reference).
+
+  Their defaults are `Config`'s; `config_from_flags` reads them back.
+  """
+  d = Config()
+  parser.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
+  parser.add_argument("--batch-size", type=int, default=d.batch_size,
+                      help="global batch size (default: %(default)s)")
+  parser.add_argument("--lr", type=float, default=d.lr,
+                      help="peak learning rate of the one-cycle schedule (default: %(default)s)")
+  parser.add_argument("--seed", type=int, default=d.seed,
+                      help="seeds initialisation, shuffling and the integers "
+                           "(default: %(default)s)")
+  parser.add_argument("--mnist-dir", default=None,
+                      help="folder with the four official MNIST IDX .gz files, used as "
+                           "TFDS's manual directory (default: $ADDER_MNIST_DIR, else TFDS "
+                           "downloads)")
+  parser.add_argument("--data-dir", default=None,
+                      help="where TFDS keeps the prepared dataset (default: $TFDS_DATA_DIR "
+                           "or ~/tensorflow_datasets)")
+  parser.add_argument("--no-swa", action="store_true",
+                      help="do not average weights over the last 25%% of steps")
+
+
+def config_from_flags(parser, args) -> Config:
+  """The `Config` named by the flags of `add_recipe_flags`; bad values end via parser.error."""
+  for name in ("epochs", "batch_size"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name.replace('_', '-')} must be at least 1")
+  if not args.lr > 0 or args.lr == float("inf"):
+    parser.error("--lr must be a positive number")
+  return Config().replace(
+      epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+      mnist_dir=args.mnist_dir, data_dir=args.data_dir, swa=not args.no_swa)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import platform
 import sys
@@ -36,7 +35,7 @@ from adder import data as data_lib
 from adder import metrics as metrics_lib
 from adder import model as model_lib
 from adder import optim
-from adder.config import Config
+from adder.config import Config, add_recipe_flags, config_from_flags
 
 
 
@@ -472,7 +471,6 @@ def initialize_distributed(
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Namespace]:
   """Flags -> (Config, the parsed flags). Unset flags keep `Config`'s defaults."""
-  d = Config()
   p = argparse.ArgumentParser(
       prog="python -m adder.train",
       description="Train the MNIST adder (image + integer 0-9 -> digit, sum) and "
@@ -480,22 +478,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
   p.add_argument("--workdir", default="runs/default",
                  help="output folder: metrics.jsonl, results.json, checkpoint/, plots "
                       "(default: %(default)s)")
-  p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
-  p.add_argument("--batch-size", type=int, default=d.batch_size,
-                 help="global batch size, split over the devices (default: %(default)s)")
-  p.add_argument("--lr", type=float, default=d.lr,
-                 help="peak learning rate of the one-cycle schedule (default: %(default)s)")
-  p.add_argument("--seed", type=int, default=d.seed,
-                 help="seeds initialisation, shuffling and the integers (default: %(default)s)")
-  p.add_argument("--mnist-dir", default=None,
-                 help="folder with the four official MNIST IDX .gz files, used as "
-                      f"TFDS's manual directory (default: ${data_lib.MNIST_DIR_ENV}, "
-                      "else TFDS downloads)")
-  p.add_argument("--data-dir", default=None,
-                 help="where TFDS keeps the prepared dataset (default: $TFDS_DATA_DIR "
-                      "or ~/tensorflow_datasets)")
-  p.add_argument("--no-swa", action="store_true",
-                 help="do not average weights over the last 25%% of steps")
+  add_recipe_flags(p)
   p.add_argument("--require-gpu", action="store_true",
                  help="refuse to train unless JAX sees a GPU")
   multi = p.add_argument_group(
@@ -506,15 +489,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
   multi.add_argument("--num-processes", type=int, default=None, help="number of processes")
   multi.add_argument("--process-id", type=int, default=None, help="this process, 0-based")
   a = p.parse_args(argv)
-  for name in ("epochs", "batch_size"):
-    if getattr(a, name) < 1:
-      p.error(f"--{name.replace('_', '-')} must be at least 1")
-  if not a.lr > 0 or not math.isfinite(a.lr):
-    p.error("--lr must be a positive number")
-  config = d.replace(
-      epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-      mnist_dir=a.mnist_dir, data_dir=a.data_dir, swa=not a.no_swa,
-      require_gpu=a.require_gpu)
+  config = config_from_flags(p, a).replace(require_gpu=a.require_gpu)
   return config, a
 
 
