@@ -372,12 +372,9 @@ def train_and_evaluate(
               leave=False, disable=None if main_process else True, miniters=chunk) as bar:
       for start in range(0, steps_per_epoch, chunk):
         stop = min(start + chunk, steps_per_epoch)
-        if chunk == 1:
-          state, m = step_fn(state, train_x, train_y, indices[start], numbers[start],
-                             batch_sharding=batch_sharding)
-        else:
-          state, m = step_fn(state, train_x, train_y, indices[start:stop],
-                             numbers[start:stop], batch_sharding=batch_sharding)
+        rows = start if chunk == 1 else slice(start, stop)  # one batch, or (steps, B)
+        state, m = step_fn(state, train_x, train_y, indices[rows], numbers[rows],
+                           batch_sharding=batch_sharding)
         losses.append(m["loss"])
         bar.update(stop - start)
     losses = np.concatenate([np.ravel(x) for x in to_host(losses)])
@@ -409,6 +406,7 @@ def train_and_evaluate(
         model, swa.mean, train_x, bn_indices)}
 
   results: dict[str, Any] = {}
+  test_preds = {}
   for name, variables in weight_sets.items():
     test_scores, (digit_pred, sum_pred) = evaluate_(
         variables, test_x, test_y, test_index, test_nums)
@@ -417,8 +415,7 @@ def train_and_evaluate(
     _log(f"{name:5s}  test joint {test_scores['joint_acc']:.4f}  exhaustive: digit "
          f"{ex_scores['digit_acc']:.4f} sum {ex_scores['sum_acc']:.4f} joint "
          f"{ex_scores['joint_acc']:.4f} consistency {ex_scores['consistency']:.4f}")
-    if name == list(weight_sets)[-1]:
-      best_preds = (digit_pred, sum_pred)
+    test_preds[name] = (digit_pred, sum_pred)
 
   results.update({
       "params": n_params,
@@ -442,7 +439,7 @@ def train_and_evaluate(
     checkpoint.save(os.path.join(workdir, "checkpoint"),
                     to_host(weight_sets), config)
     plots.write_all(workdir, history, dataset["test_images"], test_y, test_nums,
-                    *best_preds)
+                    *test_preds[checkpoint.preferred_weights(weight_sets)])
   return results
 
 

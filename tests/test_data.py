@@ -1,6 +1,5 @@
 """The data pipeline: TFDS loading, on-device pairs, evaluation sets."""
 
-import os
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """The one-cycle schedules and the SWA averaging transform, in closed form."""
 
-import math
 
 import chex
 import jax

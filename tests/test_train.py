@@ -1,6 +1,5 @@
 """Training: the loss, the pure step, BatchNorm recompute, a short run, the CLI."""
 
-import functools
 import json
 import math
 import os
