@@ -1,15 +1,19 @@
-"""Training: a TrainState pytree through a pure, jitted step; the CLI.
+"""Training: a TrainState pytree through a pure, jitted epoch; evaluation; the CLI.
 
 ``python -m adder.train [flags]`` parses flags into an `adder.config.Config` and
 calls `train_and_evaluate`. Everything else here is importable:
 
 * `train_step(state, batch) -> (state, metrics)`: one SGD update on a batch.
-* `train_steps`: a ``lax.scan`` of `train_step` over many batches gathered
-  on the device from the uint8 images already there (one jit call per chunk of
-  steps, buffers donated, no host work per step).
+* `train_epoch`: one whole epoch in one jit call: the epoch's pairs drawn on
+  the device (`adder.data.epoch_plan`), then a ``lax.scan`` of `train_batch`
+  over them, each batch gathered from the uint8 images already there. No host
+  work per step, on every backend.
 * `predict` / `evaluate`: large jitted batches over fixed (image, integer) pairs.
 * `recompute_batch_stats`: BatchNorm statistics for averaged weights, as
   ``torch.optim.swa_utils.update_bn`` computes them.
+
+`train_and_evaluate` reads as its phases: `setup`, `run_epoch` per epoch,
+`final_weight_sets`, `final_evaluation`, `write_checkpoint_and_plots`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import flax
 import jax
@@ -32,22 +36,11 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from adder import data as data_lib
+from adder import devices
 from adder import metrics as metrics_lib
 from adder import model as model_lib
 from adder import optim
 from adder.config import Config, add_recipe_flags, config_from_flags
-
-
-
-def steps_per_call(backend: str) -> int:
-  """Training steps per jit call: the scan length of `train_steps`.
-
-  On the CPU, one: XLA:CPU runs a loop body (even a scan of length one) several
-  times slower than the same computation jitted on its own (measured 4.5-7x
-  for this model), so the jit boundary there is one `train_batch`. On accelerators, 100 steps per call keep the host out
-  of the way while the progress bar still moves.
-  """
-  return 1 if backend == "cpu" else 100
 
 
 class TrainState(train_state.TrainState):
@@ -157,14 +150,36 @@ def train_steps(
 ) -> tuple[TrainState, dict]:
   """`train_batch` scanned over the rows of ``indices`` and ``numbers`` (steps, B).
 
-  Returns the new state and per-step metrics, each float32 (steps,). Used on
-  accelerators; see `steps_per_call` for why the CPU jits `train_batch` alone.
+  Returns the new state and per-step metrics, each float32 (steps,).
   """
 
   def body(state, xs):
     return train_batch(state, images_u8, labels, *xs, batch_sharding=batch_sharding)
 
   return jax.lax.scan(body, state, (indices, numbers))
+
+
+def train_epoch(
+    state: TrainState,
+    images_u8: jax.Array,
+    labels: jax.Array,
+    key: jax.Array,
+    epoch: int | jax.Array,
+    *,
+    batch_size: int,
+    batch_sharding: Optional[NamedSharding] = None,
+) -> tuple[TrainState, dict]:
+  """One epoch: the pairs of `adder.data.epoch_plan` (key, epoch), then `train_steps`.
+
+  Jit it with ``batch_size`` and ``batch_sharding`` static and the state
+  donated: ``epoch`` is traced, so every epoch reuses one compilation.
+
+  Returns:
+    The new state and per-step metrics, each float32 (N // batch_size,).
+  """
+  indices, numbers = data_lib.epoch_plan(key, epoch, images_u8.shape[0], batch_size)
+  return train_steps(state, images_u8, labels, indices, numbers,
+                     batch_sharding=batch_sharding)
 
 
 def predict(
@@ -186,33 +201,45 @@ def predict(
 
 
 def batch_statistics(
-    model: model_lib.AdderNet, params: Any, images_u8: jax.Array, indices: jax.Array
+    model: model_lib.AdderNet,
+    params: Any,
+    images_u8: jax.Array,
+    indices: jax.Array,
+    batch_sharding: Optional[NamedSharding] = None,
 ) -> Any:
   """Per-layer BatchNorm statistics (mean, unbiased var) of one batch, train mode.
 
   Args: indices int32 (B,) into ``images_u8`` uint8 (N, 28, 28).
-  Returns: a ``batch_stats`` pytree for `model`. Jit with `model` static.
+  Returns: a ``batch_stats`` pytree for `model`.
   """
   probe = model.clone(bn_momentum=0.0)  # running stats := this batch's
   template = jax.eval_shape(
       functools.partial(model_lib.init_variables, model), jax.random.PRNGKey(0))
   stats = jax.tree_util.tree_map(
       lambda s: jnp.zeros(s.shape, s.dtype), template["batch_stats"])
+  images = model_lib.normalize_images(images_u8[indices])
+  if batch_sharding is not None:
+    images = jax.lax.with_sharding_constraint(images, batch_sharding)
   _, updates = probe.apply(
-      {"params": params, "batch_stats": stats}, model_lib.normalize_images(images_u8[indices]),
+      {"params": params, "batch_stats": stats}, images,
       jnp.zeros(indices.shape, jnp.int32), train=True, mutable=["batch_stats"])
   return updates["batch_stats"]
 
 
 def recompute_batch_stats(
-    model: model_lib.AdderNet, params: Any, images_u8: jax.Array, indices: jax.Array
+    model: model_lib.AdderNet,
+    params: Any,
+    images_u8: jax.Array,
+    indices: jax.Array,
+    batch_sharding: Optional[NamedSharding] = None,
 ) -> Any:
   """BatchNorm running statistics for `params`, as ``update_bn`` computes them.
 
   Each batch's statistics come from a forward pass in training mode (mean and
   unbiased variance); the result is their plain average over the batches
-  (PyTorch's cumulative average, ``momentum=None``). The integer input does not
-  reach any BatchNorm layer, so zeros stand in for it.
+  (PyTorch's cumulative average, ``momentum=None``), accumulated in a
+  ``lax.scan``. The integer input does not reach any BatchNorm layer, so zeros
+  stand in for it. Jit it with `model` and ``batch_sharding`` static.
 
   Args:
     indices: int32 (steps, B), the batches of images to use.
@@ -220,12 +247,17 @@ def recompute_batch_stats(
   Returns:
     A ``batch_stats`` pytree for `model`.
   """
-  stats_fn = jax.jit(batch_statistics, static_argnums=0)
-  avg = None
-  for k, batch_idx in enumerate(indices):
-    stats = stats_fn(model, params, images_u8, batch_idx)
-    avg = stats if avg is None else jax.tree_util.tree_map(
-        lambda a, s: a + (s - a) / (k + 1), avg, stats)
+
+  def body(avg, xs):
+    k, batch_idx = xs
+    stats = batch_statistics(model, params, images_u8, batch_idx, batch_sharding)
+    return jax.tree_util.tree_map(lambda a, s: a + (s - a) / (k + 1), avg, stats), None
+
+  shapes = jax.eval_shape(functools.partial(batch_statistics, model),
+                          params, images_u8, indices[0])
+  zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+  steps = jnp.arange(indices.shape[0], dtype=jnp.float32)
+  avg, _ = jax.lax.scan(body, zeros, (steps, indices))
   return avg
 
 
@@ -237,16 +269,20 @@ def evaluate(
     image_index: np.ndarray,
     numbers: np.ndarray,
     batch_size: int,
+    sharding: Optional[NamedSharding] = None,
 ) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
   """Metrics (see `adder.metrics`) and host predictions over fixed cases.
 
   The cases go through ``predict_fn`` (a jitted `predict`) in chunks of
-  ``batch_size``, the last one padded so that it compiles once.
+  ``batch_size``, the last one padded so that it compiles once. With a
+  ``sharding``, each chunk is split along it (its size must divide).
   """
   m = len(image_index)
   pad = -m % batch_size
   idx = np.pad(image_index, (0, pad)).reshape(-1, batch_size)
   nums = np.pad(numbers, (0, pad)).reshape(-1, batch_size)
+  if sharding is not None:
+    idx, nums = (shard(x, sharding) for x in (list(idx), list(nums)))
   outs = [predict_fn(variables, images_u8, i, n) for i, n in zip(idx, nums)]
   digit_pred, sum_pred = (np.concatenate(x)[:m] for x in zip(*to_host(outs)))
   scores = metrics_lib.compute_metrics(digit_pred, sum_pred, labels[image_index], numbers)
@@ -257,6 +293,12 @@ def replicate(tree: Any, sharding: NamedSharding) -> Any:
   """Host arrays, identical on every process, as global arrays laid out by `sharding`."""
   return jax.tree_util.tree_map(
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), tree)
+
+
+def shard(tree: Any, sharding: NamedSharding) -> Any:
+  """Host arrays, identical on every process, as global arrays split by `sharding`."""
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_callback(x.shape, sharding, lambda i: x[i]), tree)
 
 
 def to_host(tree: Any) -> Any:
@@ -276,13 +318,159 @@ def _log(*args) -> None:
 
 
 def create_mesh() -> Mesh:
-  """A 1-D mesh with axis ``data`` over every device of every process."""
-  return Mesh(np.asarray(jax.devices()), ("data",))
+  """A 1-D mesh with axis ``data`` over every device (see `adder.devices`)."""
+  return devices.create_mesh()
 
 
-def describe_devices() -> str:
-  return (f"JAX {jax.__version__} backend={jax.default_backend()} "
-          f"devices={[str(d) for d in jax.devices()]}")
+class Setup(NamedTuple):
+  """What every epoch and the final evaluation need, made once by `setup`."""
+
+  mesh: Mesh
+  batch_sharding: NamedSharding  # batches split along ``data``
+  train_x: jax.Array  # uint8 (60000, 28, 28), replicated on every device
+  train_y: jax.Array  # int32 (60000,)
+  test_x: jax.Array  # uint8 (10000, 28, 28)
+  test_y: np.ndarray  # int32 (10000,), on the host for the metrics
+  model: model_lib.AdderNet
+  lr_fn: optax.Schedule
+  data_key: jax.Array  # keys every epoch's plan with fold_in(data_key, epoch)
+  steps_per_epoch: int
+  epoch_fn: Callable  # jitted `train_epoch`
+  evaluate: Callable  # `evaluate` with a jitted `predict`, over test_x / test_y
+
+
+def check_batch_size(batch_size: int, n_dev: int) -> None:
+  """The global batch must split evenly over the ``data`` axis."""
+  if batch_size % n_dev:
+    raise ValueError(f"batch size {batch_size} does not divide over {n_dev} devices; "
+                     f"use a multiple of {n_dev}")
+
+
+def setup(config: Config, dataset: dict[str, np.ndarray]) -> tuple[Setup, TrainState]:
+  """Mesh, data on the devices, the jitted functions, and the initial state."""
+  mesh = create_mesh()
+  n_dev = mesh.size
+  check_batch_size(config.batch_size, n_dev)
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P("data"))
+
+  # Every process holds the whole (small) dataset on each device; each batch is
+  # gathered inside the step and split along the `data` axis, so a device
+  # only computes on its shard and BatchNorm sees the global batch.
+  train_x, train_y, test_x = replicate(
+      (dataset["train_images"], dataset["train_labels"], dataset["test_images"]), replicated)
+  steps_per_epoch = train_x.shape[0] // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"batch size {config.batch_size} exceeds the "
+                     f"{train_x.shape[0]} training images")
+
+  init_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  state, lr_fn = create_train_state(config, init_key, steps_per_epoch)
+  model = model_lib.create_model(config)
+  epoch_fn = jax.jit(
+      functools.partial(train_epoch, batch_size=config.batch_size,
+                        batch_sharding=batch_sharding), donate_argnums=0)
+  # Evaluation chunks split along `data` too; predictions come back replicated.
+  predict_fn = jax.jit(functools.partial(predict, model.apply), out_shardings=replicated)
+  eval_batch = -(-config.eval_batch_size // n_dev) * n_dev
+  evaluate_ = functools.partial(evaluate, predict_fn, images_u8=test_x,
+                                labels=dataset["test_labels"], batch_size=eval_batch,
+                                sharding=batch_sharding)
+  s = Setup(mesh, batch_sharding, train_x, train_y, test_x, dataset["test_labels"], model,
+            lr_fn, data_key, steps_per_epoch, epoch_fn, evaluate_)
+  return s, replicate(state, replicated)
+
+
+def run_epoch(
+    s: Setup, state: TrainState, epoch: int, test_pairs: tuple[np.ndarray, np.ndarray]
+) -> tuple[TrainState, dict[str, Any]]:
+  """Train one epoch (one jit call), then score the test pairs: the metrics row.
+
+  ``seconds`` is the training time alone, up to the host holding the epoch's
+  losses; the evaluation after it is not counted.
+  """
+  t0 = time.perf_counter()
+  state, m = s.epoch_fn(state, s.train_x, s.train_y, s.data_key, epoch)
+  losses = to_host(m["loss"])
+  seconds = time.perf_counter() - t0
+  if not np.all(np.isfinite(losses)):
+    raise FloatingPointError(
+        f"loss became {losses[~np.isfinite(losses)][0]} in epoch {epoch}; lower --lr")
+  scores, _ = s.evaluate({"params": state.params, "batch_stats": state.batch_stats},
+                         image_index=test_pairs[0], numbers=test_pairs[1])
+  row = {"epoch": epoch, "train_loss": float(losses.mean()),
+         **{f"test_{k}": v for k, v in scores.items()},
+         "lr": float(s.lr_fn(int(state.step) - 1)), "seconds": seconds}
+  return state, row
+
+
+def final_weight_sets(config: Config, s: Setup, state: TrainState) -> dict[str, dict]:
+  """``final`` (the last iterate) and, with SWA, ``swa`` with recomputed BatchNorm stats."""
+  weight_sets = {"final": {"params": state.params, "batch_stats": state.batch_stats}}
+  swa = optim.swa_state(state.opt_state)
+  if swa is not None and int(swa.n_averaged) > 0:
+    bn_indices = jnp.arange(s.steps_per_epoch * config.batch_size, dtype=jnp.int32).reshape(
+        s.steps_per_epoch, config.batch_size)
+    recompute = jax.jit(recompute_batch_stats, static_argnums=0,
+                        static_argnames="batch_sharding")
+    weight_sets["swa"] = {"params": swa.mean, "batch_stats": recompute(
+        s.model, swa.mean, s.train_x, bn_indices, batch_sharding=s.batch_sharding)}
+  return weight_sets
+
+
+def final_evaluation(
+    s: Setup, weight_sets: dict[str, dict], test_pairs: tuple[np.ndarray, np.ndarray]
+) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+  """Scores of each weight set on the test pairs and the exhaustive set.
+
+  Returns:
+    ``({name: {"test": scores, "exhaustive": scores}}, {name: (digit_pred,
+    sum_pred) on the test pairs}``.
+  """
+  ex_pairs = data_lib.exhaustive_pairs(s.test_y.shape[0])
+  results, test_preds = {}, {}
+  for name, variables in weight_sets.items():
+    test_scores, test_preds[name] = s.evaluate(
+        variables, image_index=test_pairs[0], numbers=test_pairs[1])
+    ex_scores, _ = s.evaluate(variables, image_index=ex_pairs[0], numbers=ex_pairs[1])
+    results[name] = {"test": test_scores, "exhaustive": ex_scores}
+    _log(f"{name:5s}  test joint {test_scores['joint_acc']:.4f}  exhaustive: digit "
+         f"{ex_scores['digit_acc']:.4f} sum {ex_scores['sum_acc']:.4f} joint "
+         f"{ex_scores['joint_acc']:.4f} consistency {ex_scores['consistency']:.4f}")
+  return results, test_preds
+
+
+def run_info(config: Config, n_params: int) -> dict[str, Any]:
+  """Where and how the run ran, for ``results.json``."""
+  return {
+      "params": n_params,
+      "backend": jax.default_backend(),
+      "devices": jax.device_count(),
+      "processes": jax.process_count(),
+      "local_devices": jax.local_device_count(),
+      "device_kind": jax.devices()[0].device_kind,
+      "cpu_devices": jax.config.jax_num_cpu_devices,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "config": config.to_dict(),
+      "versions": {"jax": jax.__version__, "flax": flax.__version__,
+                   "optax": optax.__version__, "python": platform.python_version()},
+  }
+
+
+def write_checkpoint_and_plots(
+    workdir: str,
+    config: Config,
+    weight_sets: dict[str, dict],
+    history: list[dict],
+    dataset: dict[str, np.ndarray],
+    test_numbers: np.ndarray,
+    test_preds: dict[str, tuple[np.ndarray, np.ndarray]],
+) -> None:
+  """The orbax checkpoint of both weight sets, and the PNGs of the preferred one."""
+  from adder import checkpoint, plots  # pylint: disable=g-import-not-at-top
+  checkpoint.save(os.path.join(workdir, "checkpoint"), to_host(weight_sets), config)
+  plots.write_all(workdir, history, dataset["test_images"], dataset["test_labels"],
+                  test_numbers, *test_preds[checkpoint.preferred_weights(weight_sets)])
 
 
 def _log_line(epoch: int, epochs: int, row: dict) -> str:
@@ -308,138 +496,53 @@ def train_and_evaluate(
     write_artifacts: False skips checkpoint and plots (quick experiments).
 
   Returns:
-    The results dictionary also written to ``results.json``.
+    The results dictionary also written to ``results.json``: scores, run info,
+    ``train_seconds`` (the epochs' training time) and ``wall_seconds`` (from
+    the data in host memory to the final scores: compilation, every epoch, its
+    evaluation, the BatchNorm recompute and the final evaluation).
   """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
-  _log(describe_devices())
+  _log(devices.describe())
   if config.require_gpu and jax.default_backend() != "gpu":
     raise SystemExit(
         f"error: --require-gpu: JAX sees no GPU (backend {jax.default_backend()}); "
         "install jax[cuda12] or jax[cuda13] (see README)")
+  check_batch_size(config.batch_size, jax.device_count())  # before the data loads
   main_process = is_main_process()
   if main_process:
     os.makedirs(workdir, exist_ok=True)
-
-  mesh = create_mesh()
-  n_dev = mesh.size
-  if config.batch_size % n_dev:
-    raise ValueError(
-        f"batch size {config.batch_size} does not divide over {n_dev} devices; "
-        f"use a multiple of {n_dev}")
   if dataset is None:
     dataset = data_lib.load_mnist(config.mnist_dir, config.data_dir)
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
 
-  # Every process holds the whole (small) dataset on each device; each batch is
-  # gathered inside the step and split along the `data` axis, so a device
-  # only computes on its shard and BatchNorm sees the global batch.
-  train_x, train_y, test_x = replicate(
-      (dataset["train_images"], dataset["train_labels"], dataset["test_images"]), replicated)
-  test_y = dataset["test_labels"]
-  num_train = train_x.shape[0]
-  steps_per_epoch = num_train // config.batch_size
-
-  key = jax.random.PRNGKey(config.seed)
-  init_key, data_key = jax.random.split(key)
-  state, lr_fn = create_train_state(config, init_key, steps_per_epoch)
-  state = replicate(state, replicated)
-  model = model_lib.create_model(config)
+  t_start = time.perf_counter()
+  s, state = setup(config, dataset)
   n_params = model_lib.count_params(state.params)
-  _log(f"model: {n_params:,} parameters; {steps_per_epoch} steps/epoch of "
-       f"{config.batch_size}")
-
-  chunk = steps_per_call(jax.default_backend())
-  plan_fn = jax.jit(data_lib.epoch_plan, static_argnums=(2, 3))
-  step_fn = jax.jit(train_batch if chunk == 1 else train_steps, donate_argnums=0,
-                    static_argnames="batch_sharding")
-  predict_fn = jax.jit(functools.partial(predict, model.apply))
-  evaluate_ = functools.partial(evaluate, predict_fn, batch_size=config.eval_batch_size)
-
-  test_index = np.arange(test_y.shape[0], dtype=np.int32)
-  test_nums = data_lib.test_numbers(test_y.shape[0], config.eval_seed)
-  history = []
+  _log(f"model: {n_params:,} parameters; {s.steps_per_epoch} steps/epoch of "
+       f"{config.batch_size}, one jit call per epoch")
+  test_pairs = (np.arange(s.test_y.shape[0], dtype=np.int32),
+                data_lib.test_numbers(s.test_y.shape[0], config.eval_seed))
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if main_process:
     open(metrics_path, "w").close()
-  train_seconds = 0.0
+  history = []
   for epoch in range(1, config.epochs + 1):
-    t0 = time.perf_counter()
-    indices, numbers = plan_fn(data_key, epoch, num_train, config.batch_size)
-    losses = []
-    with tqdm(total=steps_per_epoch, desc=f"epoch {epoch}", unit="step",
-              leave=False, disable=None if main_process else True, miniters=chunk) as bar:
-      for start in range(0, steps_per_epoch, chunk):
-        stop = min(start + chunk, steps_per_epoch)
-        rows = start if chunk == 1 else slice(start, stop)  # one batch, or (steps, B)
-        state, m = step_fn(state, train_x, train_y, indices[rows], numbers[rows],
-                           batch_sharding=batch_sharding)
-        losses.append(m["loss"])
-        bar.update(stop - start)
-    losses = np.concatenate([np.ravel(x) for x in to_host(losses)])
-    seconds = time.perf_counter() - t0
-    train_seconds += seconds
-    if not np.all(np.isfinite(losses)):
-      raise FloatingPointError(
-          f"loss became {losses[~np.isfinite(losses)][0]} in epoch {epoch}; "
-          "lower --lr")
-    scores, _ = evaluate_({"params": state.params, "batch_stats": state.batch_stats},
-                          test_x, test_y, test_index, test_nums)
-    row = {"epoch": epoch, "train_loss": float(losses.mean()),
-           **{f"test_{k}": v for k, v in scores.items()},
-           "lr": float(lr_fn(int(state.step) - 1)), "seconds": seconds}
+    state, row = run_epoch(s, state, epoch, test_pairs)
     history.append(row)
     if main_process:
       with open(metrics_path, "a") as f:
         f.write(json.dumps(row) + "\n")
     _log(_log_line(epoch, config.epochs, row))
 
-  # Final evaluation: fixed test pairs and the exhaustive set, for each weight set.
-  ex_index, ex_nums = data_lib.exhaustive_pairs(test_y.shape[0])
-  weight_sets = {"final": {"params": state.params, "batch_stats": state.batch_stats}}
-  swa = optim.swa_state(state.opt_state)
-  if swa is not None and int(swa.n_averaged) > 0:
-    bn_indices = jnp.arange(steps_per_epoch * config.batch_size, dtype=jnp.int32).reshape(
-        steps_per_epoch, config.batch_size)
-    weight_sets["swa"] = {"params": swa.mean, "batch_stats": recompute_batch_stats(
-        model, swa.mean, train_x, bn_indices)}
-
-  results: dict[str, Any] = {}
-  test_preds = {}
-  for name, variables in weight_sets.items():
-    test_scores, (digit_pred, sum_pred) = evaluate_(
-        variables, test_x, test_y, test_index, test_nums)
-    ex_scores, _ = evaluate_(variables, test_x, test_y, ex_index, ex_nums)
-    results[name] = {"test": test_scores, "exhaustive": ex_scores}
-    _log(f"{name:5s}  test joint {test_scores['joint_acc']:.4f}  exhaustive: digit "
-         f"{ex_scores['digit_acc']:.4f} sum {ex_scores['sum_acc']:.4f} joint "
-         f"{ex_scores['joint_acc']:.4f} consistency {ex_scores['consistency']:.4f}")
-    test_preds[name] = (digit_pred, sum_pred)
-
-  results.update({
-      "params": n_params,
-      "backend": jax.default_backend(),
-      "devices": jax.device_count(),
-      "processes": jax.process_count(),
-      "local_devices": jax.local_device_count(),
-      "device_kind": jax.devices()[0].device_kind,
-      "train_seconds": train_seconds,
-      "config": config.to_dict(),
-      "versions": {"jax": jax.__version__, "flax": flax.__version__,
-                   "optax": optax.__version__, "python": platform.python_version()},
-  })
-  if not main_process:
-    return results
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
-
-  if write_artifacts:
-    from adder import checkpoint, plots  # pylint: disable=g-import-not-at-top
-    checkpoint.save(os.path.join(workdir, "checkpoint"),
-                    to_host(weight_sets), config)
-    plots.write_all(workdir, history, dataset["test_images"], test_y, test_nums,
-                    *test_preds[checkpoint.preferred_weights(weight_sets)])
+  weight_sets = final_weight_sets(config, s, state)
+  results, test_preds = final_evaluation(s, weight_sets, test_pairs)
+  results.update(run_info(config, n_params))
+  results["train_seconds"] = sum(r["seconds"] for r in history)
+  results["wall_seconds"] = time.perf_counter() - t_start
+  if main_process:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    if write_artifacts:
+      write_checkpoint_and_plots(workdir, config, weight_sets, history, dataset,
+                                 test_pairs[1], test_preds)
   return results
 
 
@@ -494,7 +597,10 @@ def main(argv: Optional[list[str]] = None) -> int:
   config, args = parse_args(argv)
   workdir = args.workdir
   try:
+    cpu_choice = devices.configure_cpu_devices(config.batch_size)
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if jax.default_backend() == "cpu":
+      _log(cpu_choice)
     train_and_evaluate(config, workdir)
   except (data_lib.DataError, FloatingPointError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -9,8 +9,9 @@ last run: see BENCHMARKS.md
 One run on one machine measures, with the same model, batch size and epochs:
 
 * (a) `adder.train`'s JAX trainer, driven the way `adder.train` drives it
-  (`adder.train.steps_per_call` steps per jit call of `train_batch` or
-  `train_steps`, `train_and_evaluate` for the training runs);
+  (one jit call of `train_epoch` per epoch, on the devices
+  `adder.devices.configure_cpu_devices` chooses; `train_and_evaluate` for the
+  training runs);
 * (b) the PyTorch reference (``experiments/torch_reference.py``) with the
   original pipeline: the per-sample `MNISTAdder` Dataset behind a DataLoader;
 * (c) the same reference with the whole training set in memory as tensors.
@@ -19,7 +20,9 @@ Each of (a), (b), (c) runs in its own subprocess (this script with a hidden
 ``--_worker`` flag), one after the other, so that its peak RSS is its own and
 no framework's threads compete with another's. If both JAX and PyTorch see a
 GPU, JAX runs on it and PyTorch on ``cuda`` ("GPU" section); otherwise both run
-on the CPU ("CPU" section, JAX forced there with ``JAX_PLATFORMS=cpu``).
+on the CPU ("CPU" section, JAX forced there with ``JAX_PLATFORMS=cpu``), each
+with its best CPU settings: JAX with one host device per core, PyTorch with one
+intra-op thread per core (``torch.set_num_threads``).
 
 ``--quick`` (for the tests, under a minute) runs on small fake data shaped like
 `adder.data.load_mnist`'s output unless ``--mnist-dir`` is given, with 1 epoch,
@@ -31,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import glob
 import json
 import math
@@ -197,6 +199,7 @@ def _steady_figures(first_s: float, steady_s: float, calls: int, steps_per_call:
   return {"first_call_s": first_s, "steady_s": steady_s,
           "steps": calls * steps_per_call, "steps_per_call": steps_per_call,
           "img_s": calls * steps_per_call * batch_size / steady_s,
+          "step_ms": steady_s / (calls * steps_per_call) * 1e3,
           "compile_s": first_s - per_call}
 
 
@@ -209,7 +212,6 @@ def _run_jax(a: argparse.Namespace, dataset: dict[str, np.ndarray]) -> dict[str,
   import jax
   import jaxlib
   import optax
-  from jax.sharding import NamedSharding, PartitionSpec as P
 
   from adder import data as data_lib
   from adder import model as model_lib
@@ -219,60 +221,37 @@ def _run_jax(a: argparse.Namespace, dataset: dict[str, np.ndarray]) -> dict[str,
   rss_start = _max_rss_mib()
   backend = jax.default_backend()
 
-  # Steady-state steps, set up as `train_and_evaluate` sets them up.
-  mesh = train_lib.create_mesh()
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P("data"))
-  train_x, train_y, test_x = train_lib.replicate(
-      (dataset["train_images"], dataset["train_labels"], dataset["test_images"]), replicated)
-  num_train = train_x.shape[0]
-  steps_per_epoch = num_train // config.batch_size
-  chunk = train_lib.steps_per_call(backend)
-  calls = -(-a.steps // chunk)
-  init_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  state, _ = train_lib.create_train_state(config, init_key, steps_per_epoch)
-  state = train_lib.replicate(state, replicated)
-  plan_fn = jax.jit(data_lib.epoch_plan, static_argnums=(2, 3))
-  plans = [plan_fn(data_key, epoch, num_train, config.batch_size)
-           for epoch in range(1, -(-(calls + 1) * chunk // steps_per_epoch) + 1)]
-  indices, numbers = (jax.numpy.concatenate(x) for x in zip(*plans))
-  step_fn = jax.jit(train_lib.train_batch if chunk == 1 else train_lib.train_steps,
-                    donate_argnums=0, static_argnames="batch_sharding")
+  # Steady state: whole epochs, one jit call each, set up by `train_and_evaluate`'s
+  # own `setup`; the first call (compilation and one epoch) is timed apart.
+  s, state = train_lib.setup(config, dataset)
+  calls = -(-a.steps // s.steps_per_epoch)
 
-  def call(state, c):
-    rows = c if chunk == 1 else slice(c * chunk, (c + 1) * chunk)
-    return step_fn(state, train_x, train_y, indices[rows], numbers[rows],
-                   batch_sharding=batch_sharding)
+  def epoch(state, e):
+    state, m = s.epoch_fn(state, s.train_x, s.train_y, s.data_key, e)
+    return state, train_lib.to_host(m["loss"])  # the host sync `run_epoch` makes
 
   t0 = time.perf_counter()
-  state, m = call(state, 0)
-  jax.block_until_ready((state, m))
+  state, _ = epoch(state, 1)
   first_s = time.perf_counter() - t0
-  losses = []
   t0 = time.perf_counter()
-  for c in range(1, calls + 1):
-    state, m = call(state, c)
-    losses.append(m["loss"])
-  losses = train_lib.to_host(losses)  # one host sync at the end, as the trainer's epoch
-  jax.block_until_ready(state)
+  losses = []
+  for e in range(2, calls + 2):
+    state, loss = epoch(state, e)
+    losses.append(loss)
   steady_s = time.perf_counter() - t0
   if not all(np.all(np.isfinite(x)) for x in losses):
-    raise FloatingPointError("JAX timing steps gave a non-finite loss")
-  train = _steady_figures(first_s, steady_s, calls, chunk, config.batch_size)
+    raise FloatingPointError("JAX timing epochs gave a non-finite loss")
+  train = _steady_figures(first_s, steady_s, calls, s.steps_per_epoch, config.batch_size)
+  train["lone_step_ms"], state = _lone_step_ms(s, state, min(a.steps, 100), config.batch_size)
 
   # Evaluation throughput on the exhaustive set, in `train_and_evaluate`'s batches.
-  model = model_lib.create_model(config)
-  predict_fn = jax.jit(functools.partial(train_lib.predict, model.apply))
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  test_y = dataset["test_labels"]
-  num_test = len(test_y)
-  evaluate = functools.partial(train_lib.evaluate, predict_fn, variables, test_x, test_y,
-                               batch_size=config.eval_batch_size)
-  evaluate(np.arange(num_test, dtype=np.int32),
-           data_lib.test_numbers(num_test, config.eval_seed))  # compiles
+  num_test = len(dataset["test_labels"])
+  s.evaluate(variables, image_index=np.arange(num_test, dtype=np.int32),
+             numbers=data_lib.test_numbers(num_test, config.eval_seed))  # compiles
   ex_index, ex_nums = data_lib.exhaustive_pairs(num_test)
   t0 = time.perf_counter()
-  evaluate(ex_index, ex_nums)
+  s.evaluate(variables, image_index=ex_index, numbers=ex_nums)
   eval_s = time.perf_counter() - t0
 
   runs = []
@@ -281,7 +260,7 @@ def _run_jax(a: argparse.Namespace, dataset: dict[str, np.ndarray]) -> dict[str,
       results = train_lib.train_and_evaluate(
           config.replace(seed=seed), workdir, dataset=dataset, write_artifacts=False)
       runs.append({"seed": seed, "history": _read_history(workdir),
-                   "scores": _scores(results)})
+                   "scores": _scores(results), "wall_seconds": results["wall_seconds"]})
 
   device_peak = None
   if backend != "cpu":
@@ -298,10 +277,36 @@ def _run_jax(a: argparse.Namespace, dataset: dict[str, np.ndarray]) -> dict[str,
                  "device_peak_mib": device_peak},
       "info": {"backend": backend, "devices": [str(d) for d in jax.devices()],
                "device_kind": jax.devices()[0].device_kind,
+               "device_choice": a.device_choice,
+               "xla_flags": os.environ.get("XLA_FLAGS", ""),
                "versions": {"python": platform.python_version(), "jax": jax.__version__,
                             "jaxlib": jaxlib.__version__, "flax": flax.__version__,
                             "optax": optax.__version__, "numpy": np.__version__}},
   }
+
+
+def _lone_step_ms(s, state, steps: int, batch_size: int):
+  """Milliseconds per `train_batch` jitted alone, one call per step, as a check on the scan.
+
+  A lone step and a step inside `train_epoch`'s scan should cost the same; a
+  scan much slower than this means a fall-back to a slow path inside loops.
+  Returns the milliseconds and the state (the one given is donated).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from adder import data as data_lib
+  from adder import train as train_lib
+  step = jax.jit(train_lib.train_batch, donate_argnums=0, static_argnames="batch_sharding")
+  indices, numbers = data_lib.epoch_plan(s.data_key, 0, s.train_x.shape[0], batch_size)
+  run = lambda state, k: step(state, s.train_x, s.train_y, indices[k], numbers[k],  # noqa: E731
+                              batch_sharding=s.batch_sharding)
+  state, m = run(state, 0)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for k in range(1, steps + 1):
+    state, m = run(state, k % indices.shape[0])
+  jax.block_until_ready((state, m))
+  return (time.perf_counter() - t0) / steps * 1e3, state
 
 
 # --- (b), (c) PyTorch -------------------------------------------------------------
@@ -324,6 +329,8 @@ def _run_torch(a: argparse.Namespace, dataset: dict[str, np.ndarray], pipeline: 
   config = benchmark_config(a)
   rss_start = _max_rss_mib()
   device = torch.device(device_name)
+  if device.type == "cpu":
+    torch.set_num_threads(usable_cores())  # one intra-op thread per core
 
   def sync():
     if device.type == "cuda":
@@ -397,7 +404,7 @@ def _run_torch(a: argparse.Namespace, dataset: dict[str, np.ndarray], pipeline: 
                           pipeline=pipeline, num_workers=a.num_workers,
                           device=device_name)
       runs.append({"seed": seed, "history": _read_history(workdir),
-                   "scores": _scores(results)})
+                   "scores": _scores(results), "wall_seconds": results["wall_seconds"]})
 
   return {
       "params": sum(p.numel() for p in run.model.parameters()),
@@ -421,6 +428,9 @@ def _run_worker(a: argparse.Namespace) -> int:
   with np.load(a.worker_data) as f:
     dataset = {k: f[k] for k in f.files}
   if a.worker == "jax":
+    from adder import devices  # pylint: disable=g-import-not-at-top
+    a.device_choice = (devices.configure_cpu_devices(a.batch_size)
+                       if a.worker_device == "cpu" else "JAX defaults")
     result = _run_jax(a, dataset)
   else:
     pipeline = a.worker.split("_", 1)[1]
@@ -459,6 +469,10 @@ def choose_device(requested: str) -> str:
     raise SystemExit(f"error: --device gpu: JAX sees a GPU: {jax_gpu}, PyTorch sees "
                      f"one: {torch_gpu}; both must")
   return "cpu"
+
+
+def usable_cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def cpu_model() -> str:
@@ -510,6 +524,9 @@ def summarise(w: dict[str, Any], epochs: int) -> dict[str, Any]:
       "compile_s": w["train"]["compile_s"],
       "epoch_s": float(np.median(steady_epochs)),
       "first_epoch_s": float(np.mean([r["history"][0]["seconds"] for r in runs])),
+      "wall_s": float(np.mean([r["wall_seconds"] for r in runs])),
+      "step_ms": w["train"]["step_ms"],
+      "lone_step_ms": w["train"].get("lone_step_ms"),
       "eval_img_s": w["eval"]["img_s"] if w["eval"] else None,
       "reached_99": len(reached),
       "epochs_to_99": float(np.mean([e for e, _ in reached])) if reached else None,
@@ -576,16 +593,18 @@ def render_markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) 
       f"- Machine: CPU {meta['cpu']}, {meta['cores']} cores ({meta['usable_cores']} usable "
       f"by this process); GPU: {meta['gpu'] or 'none used'}",
       "- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
-      f"- JAX: backend {ji['backend']}, devices {', '.join(ji['devices'])}; "
-      f"{jx['steps_per_call']} step(s) per jit call (`adder.train.steps_per_call`); "
-      f"XLA_FLAGS {'`' + meta['xla_flags'] + '`' if meta['xla_flags'] else 'unset'}",
+      f"- JAX: backend {ji['backend']}, devices {', '.join(ji['devices'])} "
+      f"(`adder.devices`: {ji['device_choice']}); one jit call per epoch "
+      f"(`adder.train.train_epoch`); XLA_FLAGS "
+      f"{'`' + ji['xla_flags'] + '`' if ji['xla_flags'] else 'unset'}",
       f"- PyTorch: device {ti['device']}, {ti['threads']} threads "
       f"(`torch.get_num_threads()`), {ti['interop_threads']} inter-op threads; "
       f"DataLoader workers for (b): {ti['num_workers']}",
       f"- Data: {meta['data']}",
       f"- Runs: batch size {meta['batch_size']}, {epochs} epoch(s), seeds "
       f"0..{seeds - 1} per pipeline; steady state timed over {jx['steps']} steps "
-      f"(JAX) / {meta['steps']} steps (PyTorch) after a first call timed apart; "
+      f"(JAX, whole epochs) / {meta['steps']} steps (PyTorch) after a first call "
+      f"timed apart; "
       f"evaluation batch {meta['eval_batch_size']}",
       "",
       "### Speed and memory",
@@ -606,6 +625,8 @@ def render_markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) 
                              " (epoch 1, with compilation)"), "epoch_s", "s", "lower")
   if epochs > 1:
     row("first epoch, with compilation (s)", "first_epoch_s", "s", "lower")
+  row(f"full recipe wall time, {epochs} epoch(s) with per-epoch and final evaluation (s)",
+      "wall_s", "s", "lower")
   jax_eval, torch_eval = jx["eval_img_s"], im["eval_img_s"]
   lines.append(
       f"| evaluation throughput, exhaustive set of {meta['exhaustive_cases']:,} cases "
@@ -621,6 +642,10 @@ def render_markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) 
     lines.append(f"| time to {TARGET_JOINT_ACC:.0%} test joint accuracy: {name} | "
                  f"{' | '.join(cells)} | {_ratio(jx[key], dl[key])} | "
                  f"{_ratio(jx[key], im[key])} | lower |")
+  lines.append(
+      f"| JAX only: ms per step inside the epoch's scan / jitted alone (a slow path "
+      f"inside loops would show here) | {_fmt(jx['step_ms'], 's')} / "
+      f"{_fmt(jx['lone_step_ms'], 's')} | — | — | — | — | equal |")
   row("peak RSS of the framework's process (MiB)", "peak_rss_mib", "mib", "lower")
   row("RSS after imports and data load (MiB)", "rss_start_mib", "mib", "lower")
   if section == "GPU":
@@ -659,9 +684,9 @@ def render_markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) 
       "- Each pipeline runs in its own subprocess, one after the other, on the same data "
       "and `adder.config.Config` (model, batch size, epochs, optimizer, SWA).",
       "- Training throughput: images per second over the steady-state steps, timed "
-      "from after the first call to a host sync at the end. JAX: `train_batch` "
-      "(or `train_steps` over `steps_per_call` steps) jitted with the state donated, "
-      "batches indexed from `epoch_plan` on the device, exactly as `adder.train`'s "
+      "from after the first call to a host sync at the end. JAX: whole epochs of "
+      "`train_epoch` (the epoch's plan drawn on the device, then a `lax.scan` of "
+      "`train_batch`), jitted with the state donated, exactly as `adder.train`'s "
       "loop. PyTorch: `torch_reference.train_step` on batches built as the "
       "reference's epochs build them (DataLoader over `MNISTAdder`, or indexing "
       "tensors in memory).",
@@ -672,7 +697,10 @@ def render_markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) 
       "train_and_evaluate`, `torch_reference.train`), the per-epoch training time "
       "each logs (evaluation excluded); time to 99% adds them up to the first epoch "
       "whose test-pair joint accuracy reaches 99%, averaged over the seeds that "
-      "reach it.",
+      "reach it. Full recipe wall time: each training run's `wall_seconds`, from the "
+      "data in host memory to the final scores (compilation, every epoch and its "
+      "evaluation, the SWA BatchNorm recompute, the final evaluation), averaged over "
+      "the seeds.",
       "- Evaluation throughput: after a warm-up on the test pairs, one pass of "
       "`adder.train.evaluate` / `torch_reference.evaluate` (eval mode, predictions "
       "and metrics) over the exhaustive set.",
@@ -742,17 +770,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 1
   summaries = {k: summarise(w, a.epochs) for k, w in workers.items()}
   summaries["jax"]["steps"] = workers["jax"]["train"]["steps"]
-  summaries["jax"]["steps_per_call"] = workers["jax"]["train"]["steps_per_call"]
   ji, ti = workers["jax"]["info"], workers["torch_inmemory"]["info"]
   meta = {
       "device": device, "quick": a.quick, "command": command_line(argv),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       "cpu": cpu_model(), "cores": os.cpu_count(),
-      "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                      else os.cpu_count(),
+      "usable_cores": usable_cores(),
       "gpu": ti["gpu"] if device == "gpu" else None,
       "versions": {**ji["versions"], **ti["versions"]},
-      "xla_flags": os.environ.get("XLA_FLAGS"),
       "jax_info": ji, "torch_info": ti, "data": data_desc,
       "batch_size": a.batch_size, "epochs": a.epochs, "seeds": a.seeds, "steps": a.steps,
       "eval_batch_size": benchmark_config(a).eval_batch_size,

@@ -372,7 +372,8 @@ def train(
   Returns:
     The results: ``final``/``swa`` -> ``test``/``exhaustive`` metrics, ``params``,
     ``backend``, ``devices``, ``train_seconds``, ``epoch_seconds`` (training
-    only, evaluation excluded), ``config``, ``versions``.
+    only, evaluation excluded), ``wall_seconds`` (from the data in host memory
+    to the final scores, as `adder.train`'s), ``config``, ``versions``.
   """
   if pipeline not in ("dataloader", "inmemory"):
     raise ValueError(f"unknown pipeline {pipeline!r}")
@@ -385,6 +386,7 @@ def train(
   if steps_per_epoch == 0:
     raise ValueError(f"batch size {config.batch_size} exceeds the {len(train_y)} images")
 
+  t_start = time.perf_counter()
   run = create_run(config, steps_per_epoch, device=device)
   n_params = sum(p.numel() for p in run.model.parameters())
   if log:
@@ -455,6 +457,7 @@ def train(
       "device_kind": (torch.cuda.get_device_name(device) if device.type == "cuda"
                       else platform.processor() or platform.machine()),
       "train_seconds": sum(epoch_seconds),
+      "wall_seconds": time.perf_counter() - t_start,
       "epoch_seconds": epoch_seconds,
       "pipeline": pipeline,
       "num_workers": num_workers,

@@ -1,5 +1,6 @@
 """Training: the loss, the pure step, BatchNorm recompute, a short run, the CLI."""
 
+import functools
 import json
 import math
 import os
@@ -183,3 +184,21 @@ def test_one_epoch_on_real_mnist(tmp_path):
   results = train_lib.train_and_evaluate(config, str(tmp_path / "run"), write_artifacts=False)
   assert results["final"]["test"]["digit_acc"] >= 0.97
   assert results["final"]["exhaustive"]["joint_acc"] >= 0.95
+
+
+def test_train_epoch_is_its_plan_scanned_and_compiles_once(fake_mnist):
+  state, _ = train_lib.create_train_state(TINY, jax.random.PRNGKey(0), 8)
+  x, y = jnp.asarray(fake_mnist["train_images"]), jnp.asarray(fake_mnist["train_labels"])
+  key = jax.random.PRNGKey(3)
+  epoch_fn = functools.partial(jax.jit(chex.assert_max_traces(train_lib.train_epoch, n=1),
+                                       static_argnames="batch_size"), batch_size=32)
+  by_epoch, metrics = epoch_fn(state, x, y, key, 1)
+  by_epoch, _ = epoch_fn(by_epoch, x, y, key, 2)  # another epoch: no new trace
+  expected = state
+  for epoch in (1, 2):
+    indices, numbers = data_lib.epoch_plan(key, epoch, len(y), 32)
+    expected, _ = jax.jit(train_lib.train_steps)(expected, x, y, indices, numbers)
+  chex.assert_shape(metrics["loss"], (len(y) // 32,))
+  assert int(by_epoch.step) == 2 * (len(y) // 32)
+  chex.assert_trees_all_close((by_epoch.params, by_epoch.batch_stats),
+                              (expected.params, expected.batch_stats), atol=1e-6)

@@ -1,0 +1,89 @@
+"""Which devices train: the CPU's per-core devices, and the one-axis ``data`` mesh.
+
+On an accelerator JAX's defaults are right. On the CPU they are not: JAX gives
+the whole machine one device, and XLA:CPU parallelises a small convolution
+poorly across cores. One XLA host device per core, with the batch split over
+them along the ``data`` mesh axis, trains about twice as fast on two cores
+(see BENCHMARKS.md); each device then runs its part single-threaded
+(``--xla_cpu_multi_thread_eigen=false``), as its core is its own.
+
+`configure_cpu_devices` makes that choice. It must run before JAX starts its
+backend (the first call that touches a device), so the entry points call it
+first thing. It never overrides what the user set: ``JAX_PLATFORMS`` naming
+another platform, ``JAX_NUM_CPU_DEVICES``, or a device count or the Eigen
+flag already in ``XLA_FLAGS`` leave the corresponding choice alone.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+EIGEN_FLAG = "--xla_cpu_multi_thread_eigen"
+# Fewer images than this per device and the per-step synchronisation costs
+# more than the split saves.
+MIN_PER_DEVICE_BATCH = 16
+
+
+def usable_cores() -> int:
+  """CPU cores this process may run on (its affinity mask, where the OS has one)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # macOS
+    return os.cpu_count() or 1
+
+
+def cpu_device_count(batch_size: int, cores: int) -> int:
+  """Host devices for a global batch: the most, up to one per core, that divide it.
+
+  Each device keeps at least `MIN_PER_DEVICE_BATCH` images, so a small batch on
+  a large machine does not drown in synchronisation.
+  """
+  limit = max(1, min(cores, batch_size // MIN_PER_DEVICE_BATCH))
+  return max(n for n in range(1, limit + 1) if batch_size % n == 0)
+
+
+def configure_cpu_devices(batch_size: int, env: Optional[dict] = None) -> str:
+  """Give the CPU backend one device per core for `batch_size`; say what was chosen.
+
+  Call before JAX's backend starts. Sets ``jax_num_cpu_devices`` and appends
+  ``--xla_cpu_multi_thread_eigen=false`` to ``XLA_FLAGS`` (when it splits
+  the work over more than one device), unless the user decided either.
+
+  Returns:
+    One line for the start-up log, e.g. ``"cpu: 2 devices (one per core),
+    --xla_cpu_multi_thread_eigen=false"`` or ``"cpu: as set by the user
+    (XLA_FLAGS)"``.
+  """
+  env = os.environ if env is None else env
+  platforms = env.get("JAX_PLATFORMS", "")
+  if platforms and "cpu" not in platforms.split(","):
+    return f"cpu: not used (JAX_PLATFORMS={platforms})"
+  xla_flags = env.get("XLA_FLAGS", "")
+  if "JAX_NUM_CPU_DEVICES" in env or DEVICE_COUNT_FLAG in xla_flags:
+    source = "JAX_NUM_CPU_DEVICES" if "JAX_NUM_CPU_DEVICES" in env else "XLA_FLAGS"
+    return f"cpu: device count as set by the user ({source})"
+  cores = usable_cores()
+  n = cpu_device_count(batch_size, cores)
+  jax.config.update("jax_num_cpu_devices", n)
+  line = f"cpu: {n} device(s) for {cores} core(s), batch {batch_size} split {n} ways"
+  if n > 1 and EIGEN_FLAG not in xla_flags:
+    env["XLA_FLAGS"] = f"{xla_flags} {EIGEN_FLAG}=false".strip()
+    line += f", {EIGEN_FLAG}=false"
+  return line
+
+
+def create_mesh() -> Mesh:
+  """A 1-D mesh with axis ``data`` over every device of every process."""
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def describe() -> str:
+  """The backend and its devices, for the start-up log."""
+  return (f"JAX {jax.__version__} backend={jax.default_backend()} "
+          f"devices={[str(d) for d in jax.devices()]}")

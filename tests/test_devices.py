@@ -1,0 +1,73 @@
+"""CPU device choice: one host device per core, never overriding the user's settings."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from adder import devices
+from conftest import REPO
+
+
+@pytest.mark.parametrize("batch,cores,expected", [
+    (128, 2, 2), (128, 1, 1), (128, 3, 2), (128, 16, 8), (15, 2, 1), (32, 16, 2), (8, 4, 1),
+])
+def test_cpu_device_count_divides_the_batch_and_keeps_16_images_each(batch, cores, expected):
+  n = devices.cpu_device_count(batch, cores)
+  assert n == expected
+  assert batch % n == 0 and n <= cores
+
+
+@pytest.mark.parametrize("env,says", [
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, "as set by the user (XLA_FLAGS)"),
+    ({"JAX_NUM_CPU_DEVICES": "3"}, "as set by the user (JAX_NUM_CPU_DEVICES)"),
+    ({"JAX_PLATFORMS": "cuda"}, "not used"),
+])
+def test_user_settings_are_left_alone(env, says):
+  before = dict(env)
+  line = devices.configure_cpu_devices(128, env=env)
+  assert says in line
+  assert env == before  # nothing added to the user's environment
+
+
+_PROBE = """
+import json, os
+from adder import devices
+line = devices.configure_cpu_devices(128)
+import jax
+print(json.dumps({"line": line, "devices": jax.device_count(),
+                  "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                  "cores": devices.usable_cores()}))
+"""
+
+
+def _probe(extra_env):
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES", "JAX_PLATFORMS")}
+  env.update(extra_env, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
+                     timeout=120, cwd=REPO)
+  assert r.returncode == 0, r.stderr[-2000:]
+  return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_one_device_per_core_by_default():
+  out = _probe({})
+  expected = devices.cpu_device_count(128, out["cores"])
+  assert out["devices"] == expected
+  assert f"{expected} device(s)" in out["line"]
+  if expected > 1:  # each device single-threaded on its own core
+    assert "--xla_cpu_multi_thread_eigen=false" in out["xla_flags"]
+
+
+def test_other_xla_flags_are_kept():
+  out = _probe({"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"})
+  assert out["xla_flags"].startswith("--xla_cpu_enable_fast_math=false")
+
+
+def test_a_user_device_count_wins():
+  out = _probe({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"})
+  assert out["devices"] == 3 and "as set by the user" in out["line"]
+  assert "multi_thread_eigen" not in out["xla_flags"]
