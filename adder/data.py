@@ -275,11 +275,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--data-dir", default=None,
                  help="where the prepared dataset is kept (default: $TFDS_DATA_DIR "
                       "or ~/tensorflow_datasets)")
+  p.add_argument("--check-only", action="store_true",
+                 help="only read and check a dataset already prepared; never prepare "
+                      "(for a copied folder)")
   a = p.parse_args(argv)
   try:
     mnist_dir = resolve_mnist_dir(a.mnist_dir)
     data_dir = resolve_data_dir(a.data_dir)
     version_dir = prepared_dir(data_dir)
+    if version_dir is None and a.check_only:
+      raise DataError(f"MNIST is not prepared in {data_dir} (--check-only)")
     if version_dir is None:
       start = time.perf_counter()
       version_dir = prepare_mnist(mnist_dir, data_dir)
