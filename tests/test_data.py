@@ -178,6 +178,12 @@ def test_data_cli_verifies_and_says_what_to_copy(prepared_mnist, capsys):
   assert f"on disk: {prepared_mnist}/mnist, " in out and " MB." in out
 
 
+def test_data_cli_check_only_never_prepares(tmp_path, capsys):
+  assert data_lib.main(["--data-dir", str(tmp_path / "copy"), "--check-only"]) == 2
+  assert "MNIST is not prepared in" in capsys.readouterr().err
+  assert not (tmp_path / "copy").exists()
+
+
 def test_data_cli_bad_folder_is_one_error_line(tmp_path):
   r = _module("adder.data", "--mnist-dir", str(tmp_path / "nowhere"),
               "--data-dir", str(tmp_path / "out"))
