@@ -76,6 +76,7 @@ if [ -n "$wheels" ]; then
 fi
 export PYTHONPATH="${site:+$site:}$repo${PYTHONPATH:+:$PYTHONPATH}"
 export TF_CPP_MIN_LOG_LEVEL=2
+export PYTHONUNBUFFERED=1  # the logs fill as the run goes, even if it is cut short
 echo "PYTHONPATH=$PYTHONPATH"
 
 # Imports, and the devices each framework sees (probed without holding GPU memory).
