@@ -20,7 +20,8 @@ class Config:
   # manual directory (offline preparation). None: $ADDER_MNIST_DIR, or TFDS's
   # own download.
   mnist_dir: Optional[str] = None
-  # Where TFDS keeps the prepared dataset. None: $TFDS_DATA_DIR or TFDS's default.
+  # Where TFDS keeps the prepared (ArrayRecord) dataset, read without TensorFlow;
+  # prepared there first if absent. None: $TFDS_DATA_DIR or TFDS's default.
   data_dir: Optional[str] = None
   # Seed of the fixed (image, integer) pairs of the `test` evaluation set.
   eval_seed: int = 1234
@@ -89,7 +90,8 @@ def add_recipe_flags(parser) -> None:
                            "TFDS's manual directory (default: $ADDER_MNIST_DIR, else TFDS "
                            "downloads)")
   parser.add_argument("--data-dir", default=None,
-                      help="where TFDS keeps the prepared dataset (default: $TFDS_DATA_DIR "
+                      help="where the prepared MNIST is kept, as written by `python -m "
+                           "adder.data`; prepared there if absent (default: $TFDS_DATA_DIR "
                            "or ~/tensorflow_datasets)")
   parser.add_argument("--no-swa", action="store_true",
                       help="do not average weights over the last 25%% of steps")

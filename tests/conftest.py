@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny learnable fake dataset and the real MNIST folder."""
+"""Shared fixtures: a tiny learnable fake dataset, the real MNIST folder, MNIST
+prepared once per session, and code that hides packages from a subprocess."""
 
 import os
 import pathlib
+import textwrap
 
 import numpy as np
 import pytest
@@ -42,3 +44,46 @@ def real_mnist_dir():
   if env:
     return env
   return str(SHARED_MNIST) if SHARED_MNIST.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def prepared_mnist(tmp_path_factory) -> str:
+  """A TFDS data dir holding the real MNIST prepared as ArrayRecord (about 20 s, once).
+
+  Skipped, like the other real-data tests, when the official files are absent.
+  """
+  mnist_dir = real_mnist_dir()
+  if mnist_dir is None:
+    pytest.skip("the official MNIST files are not at ../shared/mnist or $ADDER_MNIST_DIR")
+  from adder import data as data_lib  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  data_lib.prepare_mnist(mnist_dir, data_dir)
+  return data_dir
+
+
+def without_packages(*names: str) -> str:
+  """Python code that makes the top-level packages `names` unimportable, as if not installed.
+
+  Run it first in a subprocess (``python -c CODE + script``). Every finder on
+  ``sys.meta_path`` is wrapped to find nothing for those names, so ``import``
+  raises ModuleNotFoundError and ``importlib.util.find_spec`` returns None, as
+  on a host without them. (A finder that raised ImportError instead would also
+  break ``find_spec``, which etils calls to probe for TensorFlow.)
+  """
+  return textwrap.dedent(f"""
+      import sys
+
+      class _Without:
+        def __init__(self, finder):
+          self._finder = finder
+
+        def find_spec(self, name, path=None, target=None):
+          if name.partition(".")[0] in {names!r}:
+            return None
+          return self._finder.find_spec(name, path, target)
+
+        def __getattr__(self, attr):
+          return getattr(self._finder, attr)
+
+      sys.meta_path[:] = [_Without(f) for f in sys.meta_path]
+      """)

@@ -1,11 +1,16 @@
-"""The data pipeline: TFDS loading, on-device pairs, evaluation sets."""
+"""The data pipeline: preparing and reading MNIST, on-device pairs, evaluation sets."""
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from adder import data as data_lib
+from conftest import REPO, without_packages
 
 KEY_SEED = 7
 
@@ -63,13 +68,144 @@ def test_test_numbers_fixed_by_seed():
   assert a.min() >= 0 and a.max() <= 9
 
 
-def test_load_mnist_through_tfds(tmp_path):
-  with tfds.testing.mock_data(num_examples=12):
-    d = data_lib.load_mnist(None, str(tmp_path))
-  assert d["train_images"].shape[1:] == (28, 28) and d["train_images"].dtype == np.uint8
-  assert d["test_images"].shape[1:] == (28, 28)
-  assert d["train_labels"].dtype == np.int32
-  assert len(d["train_images"]) == len(d["train_labels"]) == 12
+# The first labels and the pixel sums of the prepared MNIST, as tfds.data_source
+# reads it. The former path (tfds.load of a TFRecord preparation) gave equal
+# arrays, checked element by element when the reading changed; a change here
+# means the order or the decoding changed.
+FIRST_TRAIN_LABELS = [4, 1, 0, 7, 8, 1, 2, 7, 1, 6, 6, 4]
+FIRST_TEST_LABELS = [2, 0, 4, 8, 7, 6, 0, 6, 3, 1, 8, 0]
+PIXEL_SUMS = {"train_images": 1_567_298_545, "test_images": 264_923_200}
+
+
+def _python(code: str, *argv: str, hide: tuple[str, ...] = ()):
+  """``python -c CODE ARGV`` from the repository root, as if packages `hide` were not installed."""
+  prelude = without_packages(*hide) if hide else ""
+  return subprocess.run([sys.executable, "-c", prelude + code, *argv], cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+
+
+def _module(name: str, *argv: str, hide: tuple[str, ...] = ()):
+  """``python -m NAME ARGV``, as `_python` runs it."""
+  return _python(f"import runpy; runpy.run_module({name!r}, run_name='__main__', alter_sys=True)",
+                 *argv, hide=hide)
+
+
+def _one_error_line(r) -> str:
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, r.stderr
+  return errors[0]
+
+
+def test_prepared_mnist_is_read_whole_and_in_order(prepared_mnist):
+  version_dir = data_lib.prepared_dir(prepared_mnist)
+  files = os.listdir(version_dir)
+  assert any(".array_record-" in f for f in files), files
+  assert not any(".tfrecord-" in f for f in files), files
+  assert sorted(os.listdir(prepared_mnist)) == ["mnist"]  # downloads went elsewhere
+  d = data_lib.load_mnist(None, prepared_mnist)
+  data_lib.check_mnist(d)
+  assert d["train_labels"][:12].tolist() == FIRST_TRAIN_LABELS
+  assert d["test_labels"][:12].tolist() == FIRST_TEST_LABELS
+  for key, total in PIXEL_SUMS.items():
+    assert int(d[key].sum(dtype=np.int64)) == total, key
+
+
+def test_check_mnist_names_what_is_wrong():
+  def split(n, labels=10):
+    return np.zeros((n, 28, 28), np.uint8), np.arange(n, dtype=np.int32) % labels
+  (tx, ty), (vx, vy) = split(60_000), split(10_000)
+  data_lib.check_mnist({"train_images": tx, "train_labels": ty,
+                        "test_images": vx, "test_labels": vy})
+  with pytest.raises(data_lib.DataError, match=r"test split: images uint8 \(12, 28, 28\)"):
+    data_lib.check_mnist({"train_images": tx, "train_labels": ty,
+                          "test_images": vx[:12], "test_labels": vy})
+  with pytest.raises(data_lib.DataError, match=r"train split: labels int64"):
+    data_lib.check_mnist({"train_images": tx, "train_labels": ty.astype(np.int64),
+                          "test_images": vx, "test_labels": vy})
+  with pytest.raises(data_lib.DataError, match=r"labels \[0, 1, 2\], not 0..9"):
+    data_lib.check_mnist({"train_images": tx, "train_labels": split(60_000, 3)[1],
+                          "test_images": vx, "test_labels": vy})
+
+
+WITHOUT_TENSORFLOW_ONE_STEP = """
+import sys
+import jax
+import numpy as np
+from adder import data as data_lib
+from adder import train as train_lib
+from adder.config import Config
+
+dataset = data_lib.load_mnist(data_dir=sys.argv[1])
+config = Config(batch_size=8, epochs=1)
+state, _ = train_lib.create_train_state(config, jax.random.PRNGKey(0), steps_per_epoch=8)
+indices, numbers = data_lib.epoch_plan(jax.random.PRNGKey(0), 0, 64, 8)
+state, metrics = jax.jit(train_lib.train_batch)(
+    state, dataset["train_images"], dataset["train_labels"], indices[0], numbers[0])
+assert int(state.step) == 1 and np.isfinite(float(metrics["loss"])), metrics
+assert "tensorflow_datasets" in sys.modules and "array_record" in sys.modules
+tensorflow = sorted(m for m in sys.modules if m.partition(".")[0] == "tensorflow")
+assert not tensorflow, tensorflow
+print("trained one step without tensorflow:", len(dataset["train_labels"]), "images")
+"""
+
+
+def test_prepared_mnist_needs_no_tensorflow(prepared_mnist):
+  r = _python(WITHOUT_TENSORFLOW_ONE_STEP, prepared_mnist, hide=("tensorflow",))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "trained one step without tensorflow: 60000 images" in r.stdout
+
+
+def test_without_tensorflow_an_unprepared_dir_is_one_clear_line(tmp_path):
+  r = _module("adder.train", "--epochs", "1", "--data-dir", str(tmp_path / "empty"),
+              "--workdir", str(tmp_path / "run"), hide=("tensorflow",))
+  error = _one_error_line(r)
+  assert f"MNIST is not prepared in {tmp_path / 'empty'}" in error
+  assert "needs TensorFlow" in error and f"`{data_lib.PREPARE_COMMAND}`" in error
+  assert f"copy the folder OUT/mnist here as {tmp_path / 'empty' / 'mnist'}" in error
+
+
+def test_without_array_record_is_one_clear_line(tmp_path):
+  r = _module("adder.data", "--data-dir", str(tmp_path), hide=("array_record",))
+  assert "array_record cannot be imported" in _one_error_line(r)
+
+
+def test_data_cli_verifies_and_says_what_to_copy(prepared_mnist, capsys):
+  assert data_lib.main(["--data-dir", prepared_mnist]) == 0
+  out = capsys.readouterr().out
+  assert f"found MNIST as array_record: {prepared_mnist}/mnist/3.0.1" in out
+  assert "train 60000, test 10000 images uint8 (28, 28), int32 labels 0..9" in out
+  assert f"on disk: {prepared_mnist}/mnist, " in out and " MB." in out
+
+
+def test_data_cli_check_only_never_prepares(tmp_path, capsys):
+  assert data_lib.main(["--data-dir", str(tmp_path / "copy"), "--check-only"]) == 2
+  assert "MNIST is not prepared in" in capsys.readouterr().err
+  assert not (tmp_path / "copy").exists()
+
+
+def test_data_cli_bad_folder_is_one_error_line(tmp_path):
+  r = _module("adder.data", "--mnist-dir", str(tmp_path / "nowhere"),
+              "--data-dir", str(tmp_path / "out"))
+  assert "lacks train-images" in _one_error_line(r)
+
+
+def test_tfrecord_preparation_is_refused_with_advice(prepared_mnist, tmp_path):
+  shutil.copytree(os.path.join(prepared_mnist, "mnist"), tmp_path / "mnist")
+  info_path = tmp_path / "mnist" / "3.0.1" / "dataset_info.json"
+  info = json.loads(info_path.read_text())
+  info["fileFormat"] = "tfrecord"
+  info_path.write_text(json.dumps(info))
+  with pytest.raises(data_lib.DataError, match="holds MNIST as tfrecord, not array_record"):
+    data_lib.load_mnist(None, str(tmp_path))
+
+
+def test_corrupt_prepared_files_give_a_clear_error(prepared_mnist, tmp_path):
+  shutil.copytree(os.path.join(prepared_mnist, "mnist"), tmp_path / "mnist")
+  (shard,) = (tmp_path / "mnist" / "3.0.1").glob("mnist-test.array_record-*")
+  shard.write_bytes(shard.read_bytes()[:1_000_000])
+  with pytest.raises(data_lib.DataError, match="could not read MNIST from .*prepare it again"):
+    data_lib.read_mnist(str(tmp_path))
 
 
 def test_missing_files_give_a_clear_error(tmp_path):

@@ -10,9 +10,8 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
-from conftest import REPO, real_mnist_dir
+from conftest import REPO
 
 TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
 
@@ -73,12 +72,9 @@ def test_batch_size_must_divide_over_devices(tmp_path):
   assert len(errors) == 1 and "does not divide over 2 devices" in errors[0], r.stderr
 
 
-@pytest.mark.skipif(real_mnist_dir() is None,
-                    reason="the official MNIST files are not at ../shared/mnist "
-                           "or $ADDER_MNIST_DIR")
-def test_cli_trains_on_two_devices(tmp_path):
+def test_cli_trains_on_two_devices(prepared_mnist, tmp_path):
   r = _run([sys.executable, "-m", "adder.train", "--epochs", "1", "--batch-size", "256",
-            "--no-swa", "--mnist-dir", real_mnist_dir(), "--data-dir", str(tmp_path / "tfds"),
+            "--no-swa", "--data-dir", prepared_mnist,
             "--workdir", str(tmp_path / "run")], timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   results = json.load(open(tmp_path / "run" / "results.json"))

@@ -17,7 +17,7 @@ from adder import data as data_lib
 from adder import model as model_lib
 from adder import train as train_lib
 from adder.config import Config
-from conftest import REPO, real_mnist_dir
+from conftest import REPO
 
 TINY = Config(epochs=3, batch_size=32, lr=0.05, eval_batch_size=64, swa_start_frac=0.5)
 
@@ -176,11 +176,8 @@ def test_cli_require_gpu_refuses_on_cpu(tmp_path):
   assert r.returncode != 0 and "no GPU" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.skipif(real_mnist_dir() is None,
-                    reason="the official MNIST files are not at ../shared/mnist "
-                           "or $ADDER_MNIST_DIR")
-def test_one_epoch_on_real_mnist(tmp_path):
-  config = Config(epochs=1, mnist_dir=real_mnist_dir(), data_dir=str(tmp_path / "tfds"))
+def test_one_epoch_on_real_mnist(prepared_mnist, tmp_path):
+  config = Config(epochs=1, data_dir=prepared_mnist)
   results = train_lib.train_and_evaluate(config, str(tmp_path / "run"), write_artifacts=False)
   assert results["final"]["test"]["digit_acc"] >= 0.97
   assert results["final"]["exhaustive"]["joint_acc"] >= 0.95
