@@ -449,7 +449,7 @@ def run_info(config: Config, n_params: int) -> dict[str, Any]:
       "processes": jax.process_count(),
       "local_devices": jax.local_device_count(),
       "device_kind": jax.devices()[0].device_kind,
-      "cpu_devices": jax.config.jax_num_cpu_devices,
+      "cpu_devices": getattr(jax.config, "jax_num_cpu_devices", None),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "config": config.to_dict(),
       "versions": {"jax": jax.__version__, "flax": flax.__version__,
