@@ -96,8 +96,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                  help="folder with the four official MNIST IDX .gz files (default: "
                       "$ADDER_MNIST_DIR, else TFDS downloads; --quick: fake data)")
   p.add_argument("--data-dir", default=None,
-                 help="where TFDS keeps the prepared dataset (default: $TFDS_DATA_DIR "
-                      "or ~/tensorflow_datasets)")
+                 help="MNIST prepared by `python -m adder.data` (ArrayRecord); prepared "
+                      "there if absent (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
   p.add_argument("--quick", action="store_true",
                  help=f"for tests: fake data ({QUICK_TRAIN} train / {QUICK_TEST} test "
                       "images) unless --mnist-dir, 1 epoch, 1 seed, 5 timing steps; "
@@ -643,9 +643,10 @@ def render_markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) 
                  f"{' | '.join(cells)} | {_ratio(jx[key], dl[key])} | "
                  f"{_ratio(jx[key], im[key])} | lower |")
   lines.append(
-      f"| JAX only: ms per step inside the epoch's scan / jitted alone (a slow path "
-      f"inside loops would show here) | {_fmt(jx['step_ms'], 's')} / "
-      f"{_fmt(jx['lone_step_ms'], 's')} | — | — | — | — | equal |")
+      f"| JAX only: ms per step inside the epoch's scan / jitted alone, one call per "
+      f"step (a slow path inside loops would make the first several times the "
+      f"second) | {_fmt(jx['step_ms'], 's')} / {_fmt(jx['lone_step_ms'], 's')} | — | — "
+      f"| — | — | lower first |")
   row("peak RSS of the framework's process (MiB)", "peak_rss_mib", "mib", "lower")
   row("RSS after imports and data load (MiB)", "rss_start_mib", "mib", "lower")
   if section == "GPU":
