@@ -11,11 +11,15 @@ them along the ``data`` mesh axis, trains about twice as fast on two cores
 backend (the first call that touches a device), so the entry points call it
 first thing. It never overrides what the user set: ``JAX_PLATFORMS`` naming
 another platform, ``JAX_NUM_CPU_DEVICES``, or a device count or the Eigen
-flag already in ``XLA_FLAGS`` leave the corresponding choice alone.
+flag already in ``XLA_FLAGS`` leave the corresponding choice alone. Where JAX
+will train on a GPU (a CUDA plugin and an NVIDIA device are present, and
+``JAX_PLATFORMS`` is unset), nothing is changed.
 """
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
 from typing import Optional
 
@@ -48,6 +52,17 @@ def cpu_device_count(batch_size: int, cores: int) -> int:
   return max(n for n in range(1, limit + 1) if batch_size % n == 0)
 
 
+def gpu_likely() -> bool:
+  """Whether JAX will pick a GPU: a CUDA plugin is installed and an NVIDIA device exists.
+
+  Answered without starting JAX's backend (which would fix the CPU device
+  count); JAX itself decides in the end.
+  """
+  plugin = any(importlib.util.find_spec(name) is not None
+               for name in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+  return plugin and bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
 def configure_cpu_devices(batch_size: int, env: Optional[dict] = None) -> str:
   """Give the CPU backend one device per core for `batch_size`; say what was chosen.
 
@@ -64,6 +79,8 @@ def configure_cpu_devices(batch_size: int, env: Optional[dict] = None) -> str:
   platforms = env.get("JAX_PLATFORMS", "")
   if platforms and "cpu" not in platforms.split(","):
     return f"cpu: not used (JAX_PLATFORMS={platforms})"
+  if not platforms and gpu_likely():
+    return "cpu: left at JAX's defaults (a GPU is present)"
   xla_flags = env.get("XLA_FLAGS", "")
   if "JAX_NUM_CPU_DEVICES" in env or DEVICE_COUNT_FLAG in xla_flags:
     source = "JAX_NUM_CPU_DEVICES" if "JAX_NUM_CPU_DEVICES" in env else "XLA_FLAGS"

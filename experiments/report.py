@@ -45,7 +45,7 @@ def log_table(rows: list[dict]) -> str:
   for r in rows:
     out.append(f"| {r['epoch']} | {r['train_loss']:.4f} | {r['test_digit_acc']:.4f} | "
                f"{r['test_sum_acc']:.4f} | {r['test_joint_acc']:.4f} | {r['lr']:.5f} | "
-               f"{r['seconds']:.1f} |")
+               f"{r['seconds']:.2f} |")
   return "\n".join(out)
 
 

@@ -71,3 +71,10 @@ def test_a_user_device_count_wins():
   out = _probe({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"})
   assert out["devices"] == 3 and "as set by the user" in out["line"]
   assert "multi_thread_eigen" not in out["xla_flags"]
+
+
+def test_nothing_changes_where_a_gpu_will_train(monkeypatch):
+  monkeypatch.setattr(devices, "gpu_likely", lambda: True)
+  env = {}
+  assert "GPU" in devices.configure_cpu_devices(128, env=env)
+  assert env == {}
