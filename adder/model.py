@@ -20,8 +20,8 @@ BatchNorm follows PyTorch's ``nn.BatchNorm2d`` conventions (see `BatchNorm`),
 so that weights and running statistics convert both ways without loss.
 
 Two choices here are for speed and change no value beyond float32 rounding:
-`conv3x3`'s gradients are written as plain forward convolutions (XLA:CPU's fast
-path), and `BatchNorm` takes its batch moments in one pass.
+`conv_valid`'s gradients are written as plain forward convolutions (XLA:CPU's
+fast path), and `BatchNorm` takes its batch moments in one pass.
 """
 
 from __future__ import annotations
@@ -59,8 +59,10 @@ def _conv(x: jax.Array, kernel: jax.Array, padding="VALID") -> jax.Array:
 
 
 @jax.custom_vjp
-def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """Stride-1 VALID convolution, NHWC input and HWIO kernel, as ``nn.Conv`` computes it.
+
+  Any kernel size; the model uses 3x3.
 
   Args:
     x: float (N, H, W, Ci). kernel: float (kh, kw, Ci, Co).
@@ -81,11 +83,11 @@ def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return _conv(x, kernel)
 
 
-def _conv3x3_fwd(x, kernel):
+def _conv_valid_fwd(x, kernel):
   return _conv(x, kernel), (x, kernel)
 
 
-def _conv3x3_bwd(residuals, g):
+def _conv_valid_bwd(residuals, g):
   x, kernel = residuals
   kh, kw = kernel.shape[:2]
   # dL/dx: full correlation of g with the flipped kernel, in/out features swapped.
@@ -97,11 +99,11 @@ def _conv3x3_bwd(residuals, g):
   return dx, dk
 
 
-conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)
 
 
 class Conv(nn.Module):
-  """Bias-free stride-1 VALID convolution through `conv3x3` (``nn.Conv``'s parameters).
+  """Bias-free stride-1 VALID convolution through `conv_valid` (``nn.Conv``'s parameters).
 
   Its parameter is ``kernel``, (kh, kw, Ci, features), initialised as
   ``nn.Conv``'s (LeCun normal), so checkpoints and `adder.convert` are unchanged.
@@ -115,7 +117,7 @@ class Conv(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
     x, kernel = nn.dtypes.promote_dtype(x, kernel)  # float64 parameters: float64 compute
-    return conv3x3(x, kernel)
+    return conv_valid(x, kernel)
 
 
 def normalize_images(images: jax.Array) -> jax.Array:

@@ -96,11 +96,11 @@ def _stock_conv(x, kernel):
     (2, 4, 4, 16, 20, 3),    # the last: a 2x2 output
     (2, 9, 7, 3, 5, 2),      # odd, non-square, another kernel size
 ])
-def test_conv3x3_values_and_both_gradients_equal_lax_conv(n, h, w, ci, co, k):
+def test_conv_valid_values_and_both_gradients_equal_lax_conv(n, h, w, ci, co, k):
   kx, kk, kg = jax.random.split(jax.random.PRNGKey(n * h + ci), 3)
   x = jax.random.normal(kx, (n, h, w, ci))
   kernel = jax.random.normal(kk, (k, k, ci, co))
-  out, vjp = jax.vjp(model_lib.conv3x3, x, kernel)
+  out, vjp = jax.vjp(model_lib.conv_valid, x, kernel)
   ref_out, ref_vjp = jax.vjp(_stock_conv, x, kernel)
   chex.assert_shape(out, (n, h - k + 1, w - k + 1, co))
   np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=1e-5)
@@ -110,7 +110,7 @@ def test_conv3x3_values_and_both_gradients_equal_lax_conv(n, h, w, ci, co, k):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
 
 
-def test_conv3x3_gradients_inside_a_scan_equal_lax_conv():
+def test_conv_valid_gradients_inside_a_scan_equal_lax_conv():
   # The custom backward pass is what runs inside `train_epoch`'s scan.
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 10, 10, 4))
   kernel = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 4, 6))
@@ -120,7 +120,7 @@ def test_conv3x3_gradients_inside_a_scan_equal_lax_conv():
       return k - 0.01 * jax.grad(lambda k: jnp.sum(conv(xs, k) ** 2))(k), None
     return jax.jit(lambda k: jax.lax.scan(body, k, x)[0])(kernel)
 
-  np.testing.assert_allclose(total(model_lib.conv3x3), total(_stock_conv), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(total(model_lib.conv_valid), total(_stock_conv), rtol=1e-5, atol=1e-5)
 
 
 def test_conv_module_keeps_nn_conv_parameters():
