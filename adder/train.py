@@ -8,7 +8,8 @@ calls `train_and_evaluate`. Everything else here is importable:
   the device (`adder.data.epoch_plan`), then a ``lax.scan`` of `train_batch`
   over them, each batch gathered from the uint8 images already there. No host
   work per step, on every backend.
-* `predict` / `evaluate`: large jitted batches over fixed (image, integer) pairs.
+* `eval_step` / `evaluate`: large jitted batches over fixed (image, integer)
+  pairs: predictions, scores and the loss.
 * `recompute_batch_stats`: BatchNorm statistics for averaged weights, as
   ``torch.optim.swa_utils.update_bn`` computes them.
 
@@ -182,22 +183,30 @@ def train_epoch(
                      batch_sharding=batch_sharding)
 
 
-def predict(
+def eval_step(
     apply_fn: Callable,
     variables: dict,
     images_u8: jax.Array,
     image_index: jax.Array,
     numbers: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-  """Predicted (digit, sum), int32 (B,), for the cases (image_index[b], numbers[b]).
+    digits: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Predictions and losses for the cases (image_index[b], numbers[b]) of digit digits[b].
 
   Eval mode (running BatchNorm statistics). Jit it with ``apply_fn`` static;
   `evaluate` feeds it fixed-size chunks.
+
+  Returns:
+    ``(digit_pred, sum_pred, loss)``: int32 (B,) predictions, and float32 (B,)
+    each case's digit plus sum cross-entropy, whose mean over cases is the
+    training loss (`cross_entropy_loss`).
   """
   digit_logits, sum_logits = apply_fn(
       variables, model_lib.normalize_images(images_u8[image_index]), numbers, train=False)
+  loss = (optax.softmax_cross_entropy_with_integer_labels(digit_logits, digits)
+          + optax.softmax_cross_entropy_with_integer_labels(sum_logits, digits + numbers))
   return (jnp.argmax(digit_logits, -1).astype(jnp.int32),
-          jnp.argmax(sum_logits, -1).astype(jnp.int32))
+          jnp.argmax(sum_logits, -1).astype(jnp.int32), loss)
 
 
 def batch_statistics(
@@ -262,7 +271,7 @@ def recompute_batch_stats(
 
 
 def evaluate(
-    predict_fn: Callable,
+    eval_fn: Callable,
     variables: dict,
     images_u8: jax.Array,
     labels: np.ndarray,
@@ -271,21 +280,27 @@ def evaluate(
     batch_size: int,
     sharding: Optional[NamedSharding] = None,
 ) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
-  """Metrics (see `adder.metrics`) and host predictions over fixed cases.
+  """Metrics (see `adder.metrics`), the mean loss and host predictions over fixed cases.
 
-  The cases go through ``predict_fn`` (a jitted `predict`) in chunks of
+  The cases go through ``eval_fn`` (a jitted `eval_step`) in chunks of
   ``batch_size``, the last one padded so that it compiles once. With a
   ``sharding``, each chunk is split along it (its size must divide).
+
+  Returns:
+    ``(scores, (digit_pred, sum_pred))``: the metrics plus ``loss`` (the mean
+    over the cases of the training loss, in eval mode), and int32 (N,)
+    predictions.
   """
   m = len(image_index)
   pad = -m % batch_size
-  idx = np.pad(image_index, (0, pad)).reshape(-1, batch_size)
-  nums = np.pad(numbers, (0, pad)).reshape(-1, batch_size)
+  chunks = [np.pad(x, (0, pad)).reshape(-1, batch_size)
+            for x in (image_index, numbers, labels[image_index])]
   if sharding is not None:
-    idx, nums = (shard(x, sharding) for x in (list(idx), list(nums)))
-  outs = [predict_fn(variables, images_u8, i, n) for i, n in zip(idx, nums)]
-  digit_pred, sum_pred = (np.concatenate(x)[:m] for x in zip(*to_host(outs)))
+    chunks = [shard(list(x), sharding) for x in chunks]
+  outs = [eval_fn(variables, images_u8, *chunk) for chunk in zip(*chunks)]
+  digit_pred, sum_pred, loss = (np.concatenate(x)[:m] for x in zip(*to_host(outs)))
   scores = metrics_lib.compute_metrics(digit_pred, sum_pred, labels[image_index], numbers)
+  scores["loss"] = float(np.mean(loss, dtype=np.float64))
   return scores, (digit_pred, sum_pred)
 
 
@@ -336,7 +351,7 @@ class Setup(NamedTuple):
   data_key: jax.Array  # keys every epoch's plan with fold_in(data_key, epoch)
   steps_per_epoch: int
   epoch_fn: Callable  # jitted `train_epoch`
-  evaluate: Callable  # `evaluate` with a jitted `predict`, over test_x / test_y
+  evaluate: Callable  # `evaluate` with a jitted `eval_step`, over test_x / test_y
 
 
 def check_batch_size(batch_size: int, n_dev: int) -> None:
@@ -370,10 +385,10 @@ def setup(config: Config, dataset: dict[str, np.ndarray]) -> tuple[Setup, TrainS
   epoch_fn = jax.jit(
       functools.partial(train_epoch, batch_size=config.batch_size,
                         batch_sharding=batch_sharding), donate_argnums=0)
-  # Evaluation chunks split along `data` too; predictions come back replicated.
-  predict_fn = jax.jit(functools.partial(predict, model.apply), out_shardings=replicated)
+  # Evaluation chunks split along `data` too; the outputs come back replicated.
+  eval_fn = jax.jit(functools.partial(eval_step, model.apply), out_shardings=replicated)
   eval_batch = -(-config.eval_batch_size // n_dev) * n_dev
-  evaluate_ = functools.partial(evaluate, predict_fn, images_u8=test_x,
+  evaluate_ = functools.partial(evaluate, eval_fn, images_u8=test_x,
                                 labels=dataset["test_labels"], batch_size=eval_batch,
                                 sharding=batch_sharding)
   s = Setup(mesh, batch_sharding, train_x, train_y, test_x, dataset["test_labels"], model,
@@ -475,8 +490,9 @@ def write_checkpoint_and_plots(
 
 def _log_line(epoch: int, epochs: int, row: dict) -> str:
   return (f"epoch {epoch:2d}/{epochs}  loss {row['train_loss']:.4f}  "
-          f"test digit {row['test_digit_acc']:.4f} sum {row['test_sum_acc']:.4f} "
-          f"joint {row['test_joint_acc']:.4f}  lr {row['lr']:.5f}  {row['seconds']:.1f}s")
+          f"test loss {row['test_loss']:.4f} digit {row['test_digit_acc']:.4f} "
+          f"sum {row['test_sum_acc']:.4f} joint {row['test_joint_acc']:.4f}  "
+          f"lr {row['lr']:.5f}  {row['seconds']:.1f}s")
 
 
 def train_and_evaluate(

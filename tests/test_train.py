@@ -99,13 +99,39 @@ def short_run(fake_mnist, tmp_path_factory):
   return workdir, results
 
 
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
 def test_short_run_loss_falls_and_learns(short_run):
   workdir, results = short_run
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  rows = _rows(workdir)
   assert [r["epoch"] for r in rows] == [1, 2, 3]
   assert rows[-1]["train_loss"] < 0.8 * rows[0]["train_loss"]
   # Ten fixed blob patterns: far better than chance (0.1) after three epochs.
   assert results["final"]["test"]["digit_acc"] > 0.5
+  # The last row scored the last iterate, as results.json's "final" does.
+  assert rows[-1]["test_loss"] == pytest.approx(results["final"]["test"]["loss"], rel=1e-6)
+  assert rows[-1]["test_loss"] < rows[0]["test_loss"]
+
+
+def test_evaluate_loss_is_the_training_loss_in_eval_mode(fake_mnist):
+  model = model_lib.create_model(TINY)
+  variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+  images, labels = jnp.asarray(fake_mnist["test_images"]), fake_mnist["test_labels"]
+  index = np.arange(len(labels), dtype=np.int32)
+  numbers = data_lib.test_numbers(len(labels), TINY.eval_seed)
+  eval_fn = jax.jit(functools.partial(train_lib.eval_step, model.apply))
+  # 64 cases in chunks of 48: the second chunk is padded, and its padding ignored.
+  scores, (digit_pred, sum_pred) = train_lib.evaluate(
+      eval_fn, variables, images, labels, index, numbers, batch_size=48)
+  digit_logits, sum_logits = model.apply(
+      variables, model_lib.normalize_images(images), jnp.asarray(numbers), train=False)
+  expected, _ = train_lib.cross_entropy_loss(digit_logits, sum_logits, labels, labels + numbers)
+  assert scores["loss"] == pytest.approx(float(expected), rel=1e-5)
+  np.testing.assert_array_equal(digit_pred, np.argmax(digit_logits, -1))
+  np.testing.assert_array_equal(sum_pred, np.argmax(sum_logits, -1))
 
 
 def test_results_json_keys(short_run):
