@@ -15,6 +15,16 @@ items:
 checkpoint directory itself, restores numpy arrays on the host (no sharding
 information needed), and checks the weights against a model built from the
 stored config. Every failure is a `CheckpointError` with a one-line message.
+
+The training state, for resuming, is kept apart in ``<workdir>/state/`` by an
+orbax ``CheckpointManager`` (`open_states`): one step per finished epoch, the
+last `KEEP_STATES` kept, each with two items: ``state`` (``StandardSave``, a
+pytree of host numpy arrays; `adder.train` decides what is in it) and
+``meta`` (``JsonSave``: ``{"format": STATE_FORMAT, "epoch", "config",
+"history"}``). Saves are asynchronous and atomic: a step appears on disk only
+once all of it is written, so an interrupted save leaves the previous epoch
+as the latest. Orbax saves and restores are collective: every process calls
+them, and orbax writes from the primary process.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import jax
 import numpy as np
@@ -36,7 +46,12 @@ FORMAT = 1  # bump when the layout of the items changes
 CHECKPOINT_DIRNAME = "checkpoint"  # name of the checkpoint inside a workdir
 WEIGHT_SETS = ("swa", "final")  # in order of preference
 
+STATE_DIRNAME = "state"  # the training state inside a workdir, one step per epoch
+STATE_FORMAT = 1  # bump when the layout of a saved training state changes
+KEEP_STATES = 2  # epochs kept in state/: the last, and one more should it be unreadable
+
 _WEIGHTS = "weights"
+_STATE = "state"
 _META = "meta"
 
 
@@ -44,18 +59,19 @@ class CheckpointError(Exception):
   """A checkpoint is missing, unreadable, corrupt or does not fit its model."""
 
 
-def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+def _handler_registry(arrays: str = _WEIGHTS) -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+  """Handlers for a pytree of arrays under the name `arrays`, and the JSON ``meta``."""
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-  registry.add(_WEIGHTS, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
-  registry.add(_WEIGHTS, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+  registry.add(arrays, ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+  registry.add(arrays, ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
   registry.add(_META, ocp.args.JsonSave, ocp.JsonCheckpointHandler)
   registry.add(_META, ocp.args.JsonRestore, ocp.JsonCheckpointHandler)
   return registry
 
 
 @contextlib.contextmanager
-def _checkpointer() -> Iterator[ocp.Checkpointer]:
-  """A synchronous orbax Checkpointer, with orbax's absl log lines silenced.
+def _quiet_orbax() -> Iterator[None]:
+  """Orbax's absl log lines silenced while the block runs.
 
   Orbax logs routine steps at INFO/WARNING and recoverable oddities (an
   unreadable ``_CHECKPOINT_METADATA``) at ERROR; real failures raise, so the
@@ -65,11 +81,17 @@ def _checkpointer() -> Iterator[ocp.Checkpointer]:
   level = absl_logger.level
   absl_logger.setLevel(logging.CRITICAL)
   try:
-    with ocp.Checkpointer(
-        ocp.CompositeCheckpointHandler(handler_registry=_handler_registry())) as ckptr:
-      yield ckptr
+    yield
   finally:
     absl_logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _checkpointer() -> Iterator[ocp.Checkpointer]:
+  """A synchronous orbax Checkpointer, quiet (see `_quiet_orbax`)."""
+  with _quiet_orbax(), ocp.Checkpointer(
+      ocp.CompositeCheckpointHandler(handler_registry=_handler_registry())) as ckptr:
+    yield ckptr
 
 
 def save(path: str, weight_sets: dict[str, dict], config: Config) -> None:
@@ -249,3 +271,102 @@ def preferred_weights(weight_sets: dict[str, dict]) -> str:
     if name in weight_sets:
       return name
   raise KeyError(f"no 'swa' or 'final' weights among {sorted(weight_sets)}")
+
+
+# --- the training state, for resuming --------------------------------------------
+
+
+@contextlib.contextmanager
+def open_states(workdir: str) -> Iterator[ocp.CheckpointManager]:
+  """The orbax CheckpointManager of ``<workdir>/state``, closed (saves finished) on exit.
+
+  One step per finished epoch, numbered by the epoch; the last `KEEP_STATES`
+  are kept. Saves run in the background (see `save_state`); the temporary
+  folder of a save that never finished is left as it is, and never read.
+  Every process must open it and call the functions below (they are
+  collective).
+  """
+  # No cleanup_tmp_directories: it runs in a thread that close() does not
+  # wait for, which fails (with a traceback) if the process ends at once.
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=KEEP_STATES, create=True, enable_async_checkpointing=True)
+  with _quiet_orbax():
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, STATE_DIRNAME)), options=options,
+        handler_registry=_handler_registry(_STATE))
+  try:
+    yield manager
+  finally:
+    with _quiet_orbax():
+      manager.close()
+
+
+def save_state(manager: ocp.CheckpointManager, epoch: int, state: Any, meta: dict) -> None:
+  """Start saving `state` and `meta` as step `epoch`; returns before the files are written.
+
+  Args:
+    manager: from `open_states`.
+    epoch: the epoch just finished (1-based), the step's number.
+    state: a pytree of host numpy arrays that nothing will modify (the write
+      continues in the background).
+    meta: JSON-serialisable; ``format`` and ``epoch`` are added.
+  """
+  with _quiet_orbax():
+    manager.save(epoch, args=ocp.args.Composite(**{
+        _STATE: ocp.args.StandardSave(state),
+        _META: ocp.args.JsonSave({**meta, "format": STATE_FORMAT, "epoch": epoch})}))
+
+
+def latest_state_meta(manager: ocp.CheckpointManager) -> Optional[dict]:
+  """The ``meta`` of the latest saved epoch (see `save_state`), or None if none is saved.
+
+  Raises:
+    CheckpointError: it cannot be read, or was written in another format.
+  """
+  epoch = manager.latest_step()
+  if epoch is None:
+    return None
+  where = os.path.join(str(manager.directory), str(epoch))
+  try:
+    with _quiet_orbax():
+      meta = manager.restore(
+          epoch, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"cannot read the saved training state {where} ({_summary(e)}); "
+                          "pass --restart to start over") from e
+  if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT or "config" not in meta:
+    raise CheckpointError(f"the saved training state {where} is not in format {STATE_FORMAT}; "
+                          "pass --restart to start over")
+  return meta
+
+
+def restore_state(manager: ocp.CheckpointManager, epoch: int, target: Any) -> Any:
+  """The ``state`` item of step `epoch`, as host numpy arrays shaped like `target`'s.
+
+  Raises:
+    CheckpointError: it cannot be read or does not fit `target`.
+  """
+  _quiet_failed_reads()
+  try:
+    with _quiet_orbax():
+      return manager.restore(epoch, args=ocp.args.Composite(**{
+          _STATE: ocp.args.StandardRestore(target)}))[_STATE]
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(
+        f"cannot restore the saved training state {manager.directory}/{epoch} "
+        f"({_summary(e)}); pass --restart to start over") from e
+
+
+def clear_states(manager: ocp.CheckpointManager) -> None:
+  """Delete every saved epoch (``--restart``)."""
+  with _quiet_orbax():
+    for epoch in manager.all_steps():
+      manager.delete(epoch)
+
+
+def wait_for_saves(manager: ocp.CheckpointManager) -> Optional[int]:
+  """Finish the saves under way; the latest epoch now complete on disk, or None."""
+  with _quiet_orbax():
+    manager.wait_until_finished()
+    manager.reload()
+    return manager.latest_step()

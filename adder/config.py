@@ -10,6 +10,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+# Fields that say where things are or how they are checked, not what is
+# computed: a saved run may be resumed with other values (`run_differences`).
+# Evaluation chunks change no prediction, and each case's loss is its own.
+NOT_RUN_FIELDS = ("mnist_dir", "data_dir", "require_gpu", "eval_batch_size")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -69,6 +74,16 @@ class Config:
     if "conv_features" in d:
       d["conv_features"] = tuple(d["conv_features"])
     return cls(**d)
+
+
+def run_differences(saved: Config, config: Config) -> dict[str, tuple[Any, Any]]:
+  """The fields, outside `NOT_RUN_FIELDS`, whose values differ: ``{name: (saved, config)}``.
+
+  Empty when resuming `saved` under `config` continues the same run.
+  """
+  return {f.name: (getattr(saved, f.name), getattr(config, f.name))
+          for f in dataclasses.fields(Config)
+          if f.name not in NOT_RUN_FIELDS and getattr(saved, f.name) != getattr(config, f.name)}
 
 
 def add_recipe_flags(parser) -> None:

@@ -4,7 +4,9 @@
   ArrayRecord dataset (``DATA_DIR/mnist/3.0.1``, 26 MB). It is the only step
   that needs TensorFlow, imported here alone, lazily, with the GPUs hidden
   from it. Offline, a folder with the four official IDX ``.gz`` files serves as
-  TFDS's manual directory (TFDS checks its registered checksums).
+  TFDS's manual directory (TFDS checks its registered checksums). Without
+  one, TFDS downloads the files; if their host cannot be reached within
+  seconds, preparing stops at once with one line saying how to pass them.
 * `read_mnist` reads a prepared dataset through ``tfds.data_source`` (random
   access to the ArrayRecord files, no TensorFlow) and decodes the PNGs with
   Pillow, into host numpy arrays: images uint8 (N, 28, 28) in [0, 255], white
@@ -24,9 +26,13 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import socket
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
+import urllib.request
 from typing import Any, Optional, Sequence
 
 import jax
@@ -47,6 +53,10 @@ SPLIT_SIZES = {"train": 60_000, "test": 10_000}
 # TFRecord, which needs it).
 FILE_FORMAT = "array_record"
 PREPARE_COMMAND = "python -m adder.data --mnist-dir DIR --data-dir OUT"
+# Where TFDS downloads MNIST from (tensorflow_datasets/image_classification/mnist.py).
+MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+# Offline, TFDS retries its download for minutes; a probe this long says so first.
+REACH_TIMEOUT_S = 5.0
 
 
 class DataError(RuntimeError):
@@ -70,6 +80,32 @@ def resolve_data_dir(data_dir: Optional[str]) -> str:
   """The TFDS data dir, absolute: the argument, else $TFDS_DATA_DIR, else TFDS's default."""
   data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
   return os.path.abspath(os.path.expanduser(data_dir))
+
+
+def can_reach(url: str, timeout: float = REACH_TIMEOUT_S) -> bool:
+  """Whether a TCP connection to `url`'s host opens within `timeout` seconds.
+
+  The name lookup counts towards the timeout (it runs in a thread, since a
+  resolver can hang longer than any socket timeout). Where the environment
+  names a proxy for the URL's scheme the answer is True: the proxy decides.
+  """
+  parts = urllib.parse.urlsplit(url)
+  if urllib.request.getproxies().get(parts.scheme):
+    return True
+  port = parts.port or {"http": 80, "https": 443}.get(parts.scheme, 443)
+  reached = threading.Event()
+
+  def probe():
+    try:
+      with socket.create_connection((parts.hostname, port), timeout=timeout):
+        reached.set()
+    except OSError:
+      pass
+
+  thread = threading.Thread(target=probe, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  return reached.is_set()
 
 
 def _import_tfds() -> Any:
@@ -139,7 +175,8 @@ def prepare_mnist(mnist_dir: Optional[str] = None, data_dir: Optional[str] = Non
 
   Raises:
     DataError: no TensorFlow, or the files are missing, fail TFDS's checksums
-      or cannot be fetched.
+      or cannot be fetched (without `mnist_dir`, their host is first checked
+      to be reachable, see `can_reach`).
   """
   mnist_dir = resolve_mnist_dir(mnist_dir)
   data_dir = resolve_data_dir(data_dir)
@@ -152,6 +189,11 @@ def prepare_mnist(mnist_dir: Optional[str] = None, data_dir: Optional[str] = Non
         f"which cannot be imported here: run `{PREPARE_COMMAND}` on a machine with "
         f"TensorFlow, then copy the folder OUT/{DATASET} here as "
         f"{os.path.join(data_dir, DATASET)}") from e
+  if mnist_dir is None and not can_reach(MNIST_URL):
+    raise DataError(
+        f"MNIST is not prepared in {data_dir}, and {urllib.parse.urlsplit(MNIST_URL).hostname} "
+        f"cannot be reached to download it: pass --mnist-dir DIR (or set ${MNIST_DIR_ENV}) "
+        f"naming a folder with the four official files ({', '.join(MNIST_FILES)})")
   builder = tfds.builder(DATASET, data_dir=data_dir, file_format=FILE_FORMAT)
   download_config = tfds.download.DownloadConfig(manual_dir=mnist_dir)
   with tempfile.TemporaryDirectory(prefix="adder-mnist-") as downloads:

@@ -1,6 +1,6 @@
 """PNG plots of a training run, written into its workdir (matplotlib, Agg).
 
-`write_all` writes ``loss.png`` (train loss per epoch), ``accuracy.png`` (test
+`write_all` writes ``loss.png`` (train and test loss per epoch), ``accuracy.png`` (test
 digit / sum / joint accuracy per epoch), ``lr.png`` (learning rate per epoch),
 ``samples.png`` (test images with the integer and the predictions; wrong ones
 in red) and ``confusion.png`` (the digit head's confusion matrix, in counts).
@@ -42,16 +42,24 @@ def _column(history: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_loss(history: Sequence[dict], path: str) -> str:
-  """Mean training loss (digit + sum cross-entropy) per epoch, log scale."""
+  """Loss (digit + sum cross-entropy) per epoch, log scale.
+
+  The mean over the epoch's training steps and, where the rows have
+  ``test_loss``, the loss on the test pairs after the epoch (eval mode).
+  """
   fig = _figure(figsize=(6, 4))
   ax = fig.subplots()
-  epochs, loss = _column(history, "train_loss")
-  ax.plot(epochs, loss, marker="o")
-  if np.all(loss > 0):
+  curves = [_column(history, "train_loss")]
+  ax.plot(*curves[0], marker="o", label="train (mean over the epoch)")
+  if all("test_loss" in row for row in history):
+    curves.append(_column(history, "test_loss"))
+    ax.plot(*curves[1], marker="o", label="test pairs (after the epoch)")
+  if all(np.all(loss > 0) for _, loss in curves):
     ax.set_yscale("log")
-  ax.set(xlabel="epoch", ylabel="train loss", title="Training loss (digit CE + sum CE)")
+  ax.set(xlabel="epoch", ylabel="loss", title="Loss (digit CE + sum CE)")
   ax.grid(True, alpha=0.3)
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
+  ax.legend()
   return _save(fig, path)
 
 
@@ -151,7 +159,8 @@ def write_all(
 
   Args:
     history: one dict per epoch with ``epoch``, ``train_loss``,
-      ``test_digit_acc``, ``test_sum_acc``, ``test_joint_acc`` and ``lr``.
+      ``test_digit_acc``, ``test_sum_acc``, ``test_joint_acc`` and ``lr``, and
+      optionally ``test_loss``.
     test_images: uint8 (N, 28, 28); test_labels, test_numbers: int (N,).
     digit_pred, sum_pred: int (N,), predictions of the weights in the checkpoint.
   """

@@ -8,12 +8,20 @@ calls `train_and_evaluate`. Everything else here is importable:
   the device (`adder.data.epoch_plan`), then a ``lax.scan`` of `train_batch`
   over them, each batch gathered from the uint8 images already there. No host
   work per step, on every backend.
-* `predict` / `evaluate`: large jitted batches over fixed (image, integer) pairs.
+* `eval_step` / `evaluate`: large jitted batches over fixed (image, integer)
+  pairs: predictions, scores and the loss.
 * `recompute_batch_stats`: BatchNorm statistics for averaged weights, as
   ``torch.optim.swa_utils.update_bn`` computes them.
 
-`train_and_evaluate` reads as its phases: `setup`, `run_epoch` per epoch,
+`train_and_evaluate` reads as its phases: `saved_run` (what the workdir holds),
+`setup`, `resume`, `train_epochs` (`run_epoch` and `save_state` per epoch),
 `final_weight_sets`, `final_evaluation`, `write_checkpoint_and_plots`.
+
+Every epoch's end is saved in ``<workdir>/state/`` (`adder.checkpoint`): the
+TrainState (params, batch_stats, opt_state with the SWA average, step), the
+epoch and the metrics rows. The data key is not stored: it is derived from
+``config.seed``, which must match. Running again on the same workdir resumes
+from there.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ import functools
 import json
 import os
 import platform
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -32,15 +42,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
+from flax import serialization
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from adder import checkpoint
 from adder import data as data_lib
 from adder import devices
 from adder import metrics as metrics_lib
 from adder import model as model_lib
 from adder import optim
-from adder.config import Config, add_recipe_flags, config_from_flags
+from adder.config import Config, add_recipe_flags, config_from_flags, run_differences
 
 
 class TrainState(train_state.TrainState):
@@ -182,22 +195,30 @@ def train_epoch(
                      batch_sharding=batch_sharding)
 
 
-def predict(
+def eval_step(
     apply_fn: Callable,
     variables: dict,
     images_u8: jax.Array,
     image_index: jax.Array,
     numbers: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-  """Predicted (digit, sum), int32 (B,), for the cases (image_index[b], numbers[b]).
+    digits: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Predictions and losses for the cases (image_index[b], numbers[b]) of digit digits[b].
 
   Eval mode (running BatchNorm statistics). Jit it with ``apply_fn`` static;
   `evaluate` feeds it fixed-size chunks.
+
+  Returns:
+    ``(digit_pred, sum_pred, loss)``: int32 (B,) predictions, and float32 (B,)
+    each case's digit plus sum cross-entropy, whose mean over cases is the
+    training loss (`cross_entropy_loss`).
   """
   digit_logits, sum_logits = apply_fn(
       variables, model_lib.normalize_images(images_u8[image_index]), numbers, train=False)
+  loss = (optax.softmax_cross_entropy_with_integer_labels(digit_logits, digits)
+          + optax.softmax_cross_entropy_with_integer_labels(sum_logits, digits + numbers))
   return (jnp.argmax(digit_logits, -1).astype(jnp.int32),
-          jnp.argmax(sum_logits, -1).astype(jnp.int32))
+          jnp.argmax(sum_logits, -1).astype(jnp.int32), loss)
 
 
 def batch_statistics(
@@ -262,7 +283,7 @@ def recompute_batch_stats(
 
 
 def evaluate(
-    predict_fn: Callable,
+    eval_fn: Callable,
     variables: dict,
     images_u8: jax.Array,
     labels: np.ndarray,
@@ -271,21 +292,27 @@ def evaluate(
     batch_size: int,
     sharding: Optional[NamedSharding] = None,
 ) -> tuple[dict[str, float], tuple[np.ndarray, np.ndarray]]:
-  """Metrics (see `adder.metrics`) and host predictions over fixed cases.
+  """Metrics (see `adder.metrics`), the mean loss and host predictions over fixed cases.
 
-  The cases go through ``predict_fn`` (a jitted `predict`) in chunks of
+  The cases go through ``eval_fn`` (a jitted `eval_step`) in chunks of
   ``batch_size``, the last one padded so that it compiles once. With a
   ``sharding``, each chunk is split along it (its size must divide).
+
+  Returns:
+    ``(scores, (digit_pred, sum_pred))``: the metrics plus ``loss`` (the mean
+    over the cases of the training loss, in eval mode), and int32 (N,)
+    predictions.
   """
   m = len(image_index)
   pad = -m % batch_size
-  idx = np.pad(image_index, (0, pad)).reshape(-1, batch_size)
-  nums = np.pad(numbers, (0, pad)).reshape(-1, batch_size)
+  chunks = [np.pad(x, (0, pad)).reshape(-1, batch_size)
+            for x in (image_index, numbers, labels[image_index])]
   if sharding is not None:
-    idx, nums = (shard(x, sharding) for x in (list(idx), list(nums)))
-  outs = [predict_fn(variables, images_u8, i, n) for i, n in zip(idx, nums)]
-  digit_pred, sum_pred = (np.concatenate(x)[:m] for x in zip(*to_host(outs)))
+    chunks = [shard(list(x), sharding) for x in chunks]
+  outs = [eval_fn(variables, images_u8, *chunk) for chunk in zip(*chunks)]
+  digit_pred, sum_pred, loss = (np.concatenate(x)[:m] for x in zip(*to_host(outs)))
   scores = metrics_lib.compute_metrics(digit_pred, sum_pred, labels[image_index], numbers)
+  scores["loss"] = float(np.mean(loss, dtype=np.float64))
   return scores, (digit_pred, sum_pred)
 
 
@@ -336,7 +363,7 @@ class Setup(NamedTuple):
   data_key: jax.Array  # keys every epoch's plan with fold_in(data_key, epoch)
   steps_per_epoch: int
   epoch_fn: Callable  # jitted `train_epoch`
-  evaluate: Callable  # `evaluate` with a jitted `predict`, over test_x / test_y
+  evaluate: Callable  # `evaluate` with a jitted `eval_step`, over test_x / test_y
 
 
 def check_batch_size(batch_size: int, n_dev: int) -> None:
@@ -344,6 +371,12 @@ def check_batch_size(batch_size: int, n_dev: int) -> None:
   if batch_size % n_dev:
     raise ValueError(f"batch size {batch_size} does not divide over {n_dev} devices; "
                      f"use a multiple of {n_dev}")
+
+
+def check_batch_fits(batch_size: int, num_images: int) -> None:
+  """An epoch needs at least one full batch of the training images."""
+  if batch_size > num_images:
+    raise ValueError(f"batch size {batch_size} exceeds the {num_images} training images")
 
 
 def setup(config: Config, dataset: dict[str, np.ndarray]) -> tuple[Setup, TrainState]:
@@ -359,10 +392,8 @@ def setup(config: Config, dataset: dict[str, np.ndarray]) -> tuple[Setup, TrainS
   # only computes on its shard and BatchNorm sees the global batch.
   train_x, train_y, test_x = replicate(
       (dataset["train_images"], dataset["train_labels"], dataset["test_images"]), replicated)
+  check_batch_fits(config.batch_size, train_x.shape[0])
   steps_per_epoch = train_x.shape[0] // config.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"batch size {config.batch_size} exceeds the "
-                     f"{train_x.shape[0]} training images")
 
   init_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
   state, lr_fn = create_train_state(config, init_key, steps_per_epoch)
@@ -370,10 +401,10 @@ def setup(config: Config, dataset: dict[str, np.ndarray]) -> tuple[Setup, TrainS
   epoch_fn = jax.jit(
       functools.partial(train_epoch, batch_size=config.batch_size,
                         batch_sharding=batch_sharding), donate_argnums=0)
-  # Evaluation chunks split along `data` too; predictions come back replicated.
-  predict_fn = jax.jit(functools.partial(predict, model.apply), out_shardings=replicated)
+  # Evaluation chunks split along `data` too; the outputs come back replicated.
+  eval_fn = jax.jit(functools.partial(eval_step, model.apply), out_shardings=replicated)
   eval_batch = -(-config.eval_batch_size // n_dev) * n_dev
-  evaluate_ = functools.partial(evaluate, predict_fn, images_u8=test_x,
+  evaluate_ = functools.partial(evaluate, eval_fn, images_u8=test_x,
                                 labels=dataset["test_labels"], batch_size=eval_batch,
                                 sharding=batch_sharding)
   s = Setup(mesh, batch_sharding, train_x, train_y, test_x, dataset["test_labels"], model,
@@ -467,7 +498,7 @@ def write_checkpoint_and_plots(
     test_preds: dict[str, tuple[np.ndarray, np.ndarray]],
 ) -> None:
   """The orbax checkpoint of both weight sets, and the PNGs of the preferred one."""
-  from adder import checkpoint, plots  # pylint: disable=g-import-not-at-top
+  from adder import plots  # pylint: disable=g-import-not-at-top
   checkpoint.save(os.path.join(workdir, "checkpoint"), to_host(weight_sets), config)
   plots.write_all(workdir, history, dataset["test_images"], dataset["test_labels"],
                   test_numbers, *test_preds[checkpoint.preferred_weights(weight_sets)])
@@ -475,8 +506,147 @@ def write_checkpoint_and_plots(
 
 def _log_line(epoch: int, epochs: int, row: dict) -> str:
   return (f"epoch {epoch:2d}/{epochs}  loss {row['train_loss']:.4f}  "
-          f"test digit {row['test_digit_acc']:.4f} sum {row['test_sum_acc']:.4f} "
-          f"joint {row['test_joint_acc']:.4f}  lr {row['lr']:.5f}  {row['seconds']:.1f}s")
+          f"test loss {row['test_loss']:.4f} digit {row['test_digit_acc']:.4f} "
+          f"sum {row['test_sum_acc']:.4f} joint {row['test_joint_acc']:.4f}  "
+          f"lr {row['lr']:.5f}  {row['seconds']:.1f}s")
+
+
+class Terminated(BaseException):
+  """SIGTERM, raised in the main thread as Python raises KeyboardInterrupt for SIGINT.
+
+  A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on
+  the way swallows it. `main` installs the handler that raises it.
+  """
+
+
+def _raise_terminated(signum, frame) -> None:  # pylint: disable=unused-argument
+  raise Terminated()
+
+
+def make_workdir(workdir: str) -> None:
+  """Create `workdir` (process 0); ValueError if it is a file or cannot be made."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir} is a file, not a folder")
+  if is_main_process():
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+      raise ValueError(f"cannot create --workdir {workdir}: {e.strerror or e}") from e
+
+
+def saved_run(
+    states: ocp.CheckpointManager, config: Config, *, restart: bool = False
+) -> Optional[dict]:
+  """The saved epoch to resume from: the meta of the last one in ``state/``, or None.
+
+  With `restart`, every saved epoch is deleted first. A run saved with another
+  config is refused, since resuming it would mix two runs; fields that change
+  nothing computed (`adder.config.NOT_RUN_FIELDS`) may differ.
+
+  Raises:
+    ValueError: the saved run's config differs; the message names the fields.
+    adder.checkpoint.CheckpointError: the saved state cannot be read.
+  """
+  if restart:
+    checkpoint.clear_states(states)
+  meta = checkpoint.latest_state_meta(states)
+  if meta is None:
+    return None
+  differences = run_differences(Config.from_dict(meta["config"]), config)
+  if differences:
+    listed = "; ".join(f"{name} {saved!r} there, {now!r} here"
+                       for name, (saved, now) in differences.items())
+    raise ValueError(
+        f"{states.directory} holds a run with another config ({listed}): give the same "
+        "flags to resume it, --restart to start over, or another --workdir")
+  return meta
+
+
+def resume(
+    config: Config,
+    s: Setup,
+    state: TrainState,
+    states: ocp.CheckpointManager,
+    saved: Optional[dict],
+) -> tuple[TrainState, list[dict]]:
+  """The saved epoch's TrainState and metrics rows; with nothing saved, `state` and no rows.
+
+  The arrays are restored to the host and replicated over the mesh, as `setup`
+  places a fresh state.
+  """
+  if saved is None:
+    return state, []
+  host = to_host(state)
+  restored = serialization.from_state_dict(host, checkpoint.restore_state(
+      states, saved["epoch"], serialization.to_state_dict(host)))
+  if int(restored.step) != saved["epoch"] * s.steps_per_epoch:
+    raise checkpoint.CheckpointError(
+        f"the training state saved in {states.directory} after epoch {saved['epoch']} is "
+        f"at step {int(restored.step)}, not {saved['epoch'] * s.steps_per_epoch}; "
+        "pass --restart to start over")
+  _log(f"resuming after epoch {saved['epoch']}/{config.epochs}, saved in {states.directory} "
+       "(--restart starts over)")
+  return replicate(restored, NamedSharding(s.mesh, P())), list(saved["history"])
+
+
+def save_state(
+    states: ocp.CheckpointManager,
+    epoch: int,
+    state: TrainState,
+    history: list[dict],
+    config: Config,
+) -> None:
+  """Start saving the TrainState, `config` and the rows so far as step `epoch` of ``state/``.
+
+  Collective (every process calls it). The state is first copied to host
+  numpy arrays, so the write that continues in the background never reads
+  buffers that the next epoch, which donates the state, reuses.
+  """
+  host = jax.tree_util.tree_map(np.array, to_host(state))
+  checkpoint.save_state(states, epoch, serialization.to_state_dict(host),
+                        {"config": config.to_dict(), "history": list(history)})
+
+
+def train_epochs(
+    config: Config,
+    s: Setup,
+    state: TrainState,
+    history: list[dict],
+    states: ocp.CheckpointManager,
+    workdir: str,
+    test_pairs: tuple[np.ndarray, np.ndarray],
+) -> tuple[TrainState, list[dict]]:
+  """The epochs after those in `history` up to ``config.epochs``, each saved and logged.
+
+  ``metrics.jsonl`` is first rewritten from `history` (a resumed run's rows,
+  each once); every epoch then saves its state (`save_state`) and appends its
+  row.
+
+  Raises:
+    KeyboardInterrupt, Terminated: stopped by a signal. The saves under way
+      are finished first, and the message says which epoch is saved.
+  """
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if is_main_process():
+    with open(metrics_path, "w") as f:
+      f.writelines(json.dumps(row) + "\n" for row in history)
+  history = list(history)
+  epoch = len(history) + 1
+  try:
+    for epoch in range(len(history) + 1, config.epochs + 1):
+      state, row = run_epoch(s, state, epoch, test_pairs)
+      history.append(row)
+      save_state(states, epoch, state, history, config)
+      if is_main_process():
+        with open(metrics_path, "a") as f:
+          f.write(json.dumps(row) + "\n")
+      _log(_log_line(epoch, config.epochs, row))
+  except (KeyboardInterrupt, Terminated) as e:
+    saved = checkpoint.wait_for_saves(states)
+    kept = (f"epoch {saved} is saved in {states.directory}: run the same command again "
+            "to resume" if saved else "no epoch was saved")
+    raise type(e)(f"in epoch {epoch}/{config.epochs}; {kept}") from None
+  return state, history
 
 
 def train_and_evaluate(
@@ -485,21 +655,30 @@ def train_and_evaluate(
     *,
     dataset: Optional[dict[str, np.ndarray]] = None,
     write_artifacts: bool = True,
+    restart: bool = False,
 ) -> dict[str, Any]:
-  """Train `config` from scratch, evaluate, and write the workdir.
+  """Train `config` (resuming the run saved in `workdir`, if any), evaluate, write the workdir.
 
   Args:
     config: the run.
-    workdir: receives ``metrics.jsonl``, ``results.json``, ``checkpoint/`` and
-      PNG plots.
+    workdir: receives ``metrics.jsonl``, ``results.json``, ``checkpoint/``,
+      PNG plots, and ``state/`` (the training state after each epoch, which a
+      later call with the same config resumes from).
     dataset: arrays as returned by `adder.data.load_mnist`; None loads MNIST.
     write_artifacts: False skips checkpoint and plots (quick experiments).
+    restart: delete the saved training state and start from scratch.
 
   Returns:
     The results dictionary also written to ``results.json``: scores, run info,
-    ``train_seconds`` (the epochs' training time) and ``wall_seconds`` (from
-    the data in host memory to the final scores: compilation, every epoch, its
-    evaluation, the BatchNorm recompute and the final evaluation).
+    ``train_seconds`` (the epochs' training time, over every session of a
+    resumed run) and ``wall_seconds`` (this session, from the data in host
+    memory to the final scores: compilation, every epoch, its evaluation and
+    saving, the BatchNorm recompute and the final evaluation).
+
+  Raises:
+    ValueError: a bad batch size or workdir, or a workdir holding a run of
+      another config. adder.checkpoint.CheckpointError: an unreadable saved
+      state. KeyboardInterrupt, Terminated: see `train_epochs`.
   """
   _log(devices.describe())
   if config.require_gpu and jax.default_backend() != "gpu":
@@ -507,37 +686,30 @@ def train_and_evaluate(
         f"error: --require-gpu: JAX sees no GPU (backend {jax.default_backend()}); "
         "install jax[cuda12] or jax[cuda13] (see README)")
   check_batch_size(config.batch_size, jax.device_count())  # before the data loads
-  main_process = is_main_process()
-  if main_process:
-    os.makedirs(workdir, exist_ok=True)
   if dataset is None:
-    dataset = data_lib.load_mnist(config.mnist_dir, config.data_dir)
+    check_batch_fits(config.batch_size, data_lib.SPLIT_SIZES["train"])
+  make_workdir(workdir)
+  with checkpoint.open_states(workdir) as states:
+    saved = saved_run(states, config, restart=restart)
+    if dataset is None:
+      dataset = data_lib.load_mnist(config.mnist_dir, config.data_dir)
 
-  t_start = time.perf_counter()
-  s, state = setup(config, dataset)
-  n_params = model_lib.count_params(state.params)
-  _log(f"model: {n_params:,} parameters; {s.steps_per_epoch} steps/epoch of "
-       f"{config.batch_size}, one jit call per epoch")
-  test_pairs = (np.arange(s.test_y.shape[0], dtype=np.int32),
-                data_lib.test_numbers(s.test_y.shape[0], config.eval_seed))
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if main_process:
-    open(metrics_path, "w").close()
-  history = []
-  for epoch in range(1, config.epochs + 1):
-    state, row = run_epoch(s, state, epoch, test_pairs)
-    history.append(row)
-    if main_process:
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    _log(_log_line(epoch, config.epochs, row))
+    t_start = time.perf_counter()
+    s, state = setup(config, dataset)
+    n_params = model_lib.count_params(state.params)
+    _log(f"model: {n_params:,} parameters; {s.steps_per_epoch} steps/epoch of "
+         f"{config.batch_size}, one jit call per epoch")
+    test_pairs = (np.arange(s.test_y.shape[0], dtype=np.int32),
+                  data_lib.test_numbers(s.test_y.shape[0], config.eval_seed))
+    state, history = resume(config, s, state, states, saved)
+    state, history = train_epochs(config, s, state, history, states, workdir, test_pairs)
 
   weight_sets = final_weight_sets(config, s, state)
   results, test_preds = final_evaluation(s, weight_sets, test_pairs)
   results.update(run_info(config, n_params))
   results["train_seconds"] = sum(r["seconds"] for r in history)
   results["wall_seconds"] = time.perf_counter() - t_start
-  if main_process:
+  if is_main_process():
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
     if write_artifacts:
@@ -576,8 +748,11 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
       description="Train the MNIST adder (image + integer 0-9 -> digit, sum) and "
                   "evaluate it on fixed test pairs and the exhaustive set.")
   p.add_argument("--workdir", default="runs/default",
-                 help="output folder: metrics.jsonl, results.json, checkpoint/, plots "
-                      "(default: %(default)s)")
+                 help="output folder: metrics.jsonl, results.json, checkpoint/, plots, "
+                      "and state/, the training state after each epoch; a run saved "
+                      "there resumes (default: %(default)s)")
+  p.add_argument("--restart", action="store_true",
+                 help="delete the training state saved in the workdir and start over")
   add_recipe_flags(p)
   p.add_argument("--require-gpu", action="store_true",
                  help="refuse to train unless JAX sees a GPU")
@@ -594,21 +769,27 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+  """The CLI. Exit status 0, 2 (an ``error:`` line), 130 (SIGINT) or 143 (SIGTERM)."""
   config, args = parse_args(argv)
-  workdir = args.workdir
+  in_main_thread = threading.current_thread() is threading.main_thread()
+  if in_main_thread:
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
   try:
     cpu_choice = devices.configure_cpu_devices(config.batch_size)
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     if jax.default_backend() == "cpu":
       _log(cpu_choice)
-    train_and_evaluate(config, workdir)
-  except (data_lib.DataError, FloatingPointError, ValueError) as e:
+    train_and_evaluate(config, args.workdir, restart=args.restart)
+  except (data_lib.DataError, checkpoint.CheckpointError, FloatingPointError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
-    print(f"interrupted; per-epoch metrics so far are in {workdir}/metrics.jsonl",
-          file=sys.stderr)
-    return 130
+  except (KeyboardInterrupt, Terminated) as e:
+    name, status = ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT", 130)
+    print(f"stopped by {name}" + (f" {e}" if str(e) else ""), file=sys.stderr)
+    return status
+  finally:
+    if in_main_thread and previous is not None:
+      signal.signal(signal.SIGTERM, previous)
   return 0
 
 

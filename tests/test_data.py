@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -221,6 +222,40 @@ def test_corrupt_files_fail_tfds_checksums(tmp_path):
     (manual / name).write_bytes(b"not mnist")
   with pytest.raises(data_lib.DataError, match="could not prepare MNIST"):
     data_lib.load_mnist(str(manual), str(tmp_path / "prepared"))
+
+
+def test_can_reach_a_listening_port_and_not_a_closed_one():
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as server:
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    assert data_lib.can_reach(f"http://127.0.0.1:{port}/", timeout=5)
+  assert not data_lib.can_reach(f"http://127.0.0.1:{port}/", timeout=5)  # closed now
+
+
+# Offline: every TCP connection fails, as without a network.
+_OFFLINE = """
+import socket
+def _offline(*args, **kwargs):
+  raise OSError("network is unreachable")
+socket.create_connection = _offline
+"""
+
+
+def test_offline_without_mnist_files_fails_fast_and_says_how_to_pass_them(tmp_path):
+  env = {k: v for k, v in os.environ.items()
+         if k != data_lib.MNIST_DIR_ENV and not k.lower().endswith("_proxy")}
+  code = _OFFLINE + "import runpy; runpy.run_module('adder.train', run_name='__main__')"
+  start = time.perf_counter()
+  r = subprocess.run([sys.executable, "-c", code, "--epochs", "1", "--data-dir",
+                      str(tmp_path / "empty"), "--workdir", str(tmp_path / "run")],
+                     cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  seconds = time.perf_counter() - start
+  error = _one_error_line(r)
+  assert "storage.googleapis.com cannot be reached" in error
+  assert "--mnist-dir DIR" in error and "train-images-idx3-ubyte.gz" in error
+  assert seconds < 60, f"took {seconds:.0f} s"  # JAX and TensorFlow start-up, no retries
 
 
 def test_env_variable_names_the_folder(tmp_path, monkeypatch):

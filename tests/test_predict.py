@@ -340,7 +340,8 @@ def test_write_all_plots(tmp_path):
   digit_pred = np.where(np.arange(n) % 5 == 0, (labels + 1) % 10, labels)
   history = [{"epoch": e, "train_loss": 1.0 / e, "test_digit_acc": 1 - 0.1 / e,
               "test_sum_acc": 1 - 0.12 / e, "test_joint_acc": 1 - 0.15 / e,
-              "test_consistency": 0.99, "lr": 0.1 * e * (4 - e), "seconds": 1.0}
+              "test_consistency": 0.99, "test_loss": 1.2 / e, "lr": 0.1 * e * (4 - e),
+              "seconds": 1.0}
              for e in (1, 2, 3)]
   paths = plots.write_all(str(tmp_path / "wd"), history,
                           rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),

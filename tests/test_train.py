@@ -1,11 +1,13 @@
-"""Training: the loss, the pure step, BatchNorm recompute, a short run, the CLI."""
+"""Training: the loss, the pure step, BatchNorm recompute, a short run, resuming, the CLI."""
 
 import functools
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import chex
 import jax
@@ -13,10 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from adder import checkpoint
 from adder import data as data_lib
 from adder import model as model_lib
 from adder import train as train_lib
-from adder.config import Config
+from adder.config import Config, run_differences
 from conftest import REPO
 
 TINY = Config(epochs=3, batch_size=32, lr=0.05, eval_batch_size=64, swa_start_frac=0.5)
@@ -99,13 +102,39 @@ def short_run(fake_mnist, tmp_path_factory):
   return workdir, results
 
 
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
 def test_short_run_loss_falls_and_learns(short_run):
   workdir, results = short_run
-  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  rows = _rows(workdir)
   assert [r["epoch"] for r in rows] == [1, 2, 3]
   assert rows[-1]["train_loss"] < 0.8 * rows[0]["train_loss"]
   # Ten fixed blob patterns: far better than chance (0.1) after three epochs.
   assert results["final"]["test"]["digit_acc"] > 0.5
+  # The last row scored the last iterate, as results.json's "final" does.
+  assert rows[-1]["test_loss"] == pytest.approx(results["final"]["test"]["loss"], rel=1e-6)
+  assert rows[-1]["test_loss"] < rows[0]["test_loss"]
+
+
+def test_evaluate_loss_is_the_training_loss_in_eval_mode(fake_mnist):
+  model = model_lib.create_model(TINY)
+  variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+  images, labels = jnp.asarray(fake_mnist["test_images"]), fake_mnist["test_labels"]
+  index = np.arange(len(labels), dtype=np.int32)
+  numbers = data_lib.test_numbers(len(labels), TINY.eval_seed)
+  eval_fn = jax.jit(functools.partial(train_lib.eval_step, model.apply))
+  # 64 cases in chunks of 48: the second chunk is padded, and its padding ignored.
+  scores, (digit_pred, sum_pred) = train_lib.evaluate(
+      eval_fn, variables, images, labels, index, numbers, batch_size=48)
+  digit_logits, sum_logits = model.apply(
+      variables, model_lib.normalize_images(images), jnp.asarray(numbers), train=False)
+  expected, _ = train_lib.cross_entropy_loss(digit_logits, sum_logits, labels, labels + numbers)
+  assert scores["loss"] == pytest.approx(float(expected), rel=1e-5)
+  np.testing.assert_array_equal(digit_pred, np.argmax(digit_logits, -1))
+  np.testing.assert_array_equal(sum_pred, np.argmax(sum_logits, -1))
 
 
 def test_results_json_keys(short_run):
@@ -199,3 +228,172 @@ def test_train_epoch_is_its_plan_scanned_and_compiles_once(fake_mnist):
   assert int(by_epoch.step) == 2 * (len(y) // 32)
   chex.assert_trees_all_close((by_epoch.params, by_epoch.batch_stats),
                               (expected.params, expected.batch_stats), atol=1e-6)
+
+
+# --- resuming ----------------------------------------------------------------------
+
+
+def _stop_after(monkeypatch, last_epoch, signal_exception=KeyboardInterrupt):
+  """Make `run_epoch` raise `signal_exception` when epoch ``last_epoch + 1`` starts."""
+  run_epoch = train_lib.run_epoch
+
+  def stopping(s, state, epoch, test_pairs):
+    if epoch > last_epoch:
+      raise signal_exception()
+    return run_epoch(s, state, epoch, test_pairs)
+
+  monkeypatch.setattr(train_lib, "run_epoch", stopping)
+
+
+def _without_seconds(rows):
+  return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def _assert_same_run(workdir, results, reference_dir, reference_results):
+  """Same metrics rows (but for the time), scores and weights as the reference run."""
+  got, want = _without_seconds(_rows(workdir)), _without_seconds(_rows(reference_dir))
+  assert [r["epoch"] for r in got] == [r["epoch"] for r in want]
+  for g, w in zip(got, want):
+    assert g == pytest.approx(w, rel=1e-6, abs=1e-7)
+  on_disk = json.load(open(os.path.join(workdir, "results.json")))
+  for weights in ("final", "swa"):
+    for split in ("test", "exhaustive"):
+      assert results[weights][split] == pytest.approx(reference_results[weights][split],
+                                                      rel=1e-6, abs=1e-7)
+      assert on_disk[weights][split] == pytest.approx(reference_results[weights][split],
+                                                      rel=1e-6, abs=1e-7)
+  _, weights = checkpoint.load(workdir)
+  _, reference_weights = checkpoint.load(reference_dir)
+  chex.assert_trees_all_close(weights, reference_weights, atol=1e-6, rtol=0)
+
+
+# TINY: 8 steps per epoch, 24 in all; SWA averages from step 12, in epoch 2. Stopping
+# after epoch 1 resumes before any averaging; after epoch 2, with the average half made.
+@pytest.mark.parametrize("saved_epochs", [1, 2], ids=["before-swa", "during-swa"])
+def test_interrupted_run_resumes_to_the_uninterrupted_result(
+    short_run, fake_mnist, tmp_path, monkeypatch, capsys, saved_epochs):
+  workdir = str(tmp_path / "run")
+  with monkeypatch.context() as m:
+    _stop_after(m, saved_epochs)
+    with pytest.raises(KeyboardInterrupt,
+                       match=rf"in epoch {saved_epochs + 1}/3; epoch {saved_epochs} is saved"):
+      train_lib.train_and_evaluate(TINY, workdir, dataset=fake_mnist)
+  assert [r["epoch"] for r in _rows(workdir)] == list(range(1, saved_epochs + 1))
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  capsys.readouterr()
+
+  results = train_lib.train_and_evaluate(TINY, workdir, dataset=fake_mnist)
+  out = capsys.readouterr().out
+  assert f"resuming after epoch {saved_epochs}/3" in out
+  assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch")] == [
+      f"{e}/3" for e in range(saved_epochs + 1, 4)]  # only the epochs left ran
+  reference_dir, reference_results = short_run
+  _assert_same_run(workdir, results, reference_dir, reference_results)
+  assert sorted(os.listdir(os.path.join(workdir, "state"))) == ["2", "3"]  # the last two
+
+
+def test_restart_starts_over(short_run, fake_mnist, tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  other = TINY.replace(epochs=1)
+  train_lib.train_and_evaluate(other, workdir, dataset=fake_mnist, write_artifacts=False)
+  with pytest.raises(ValueError, match=r"another config \(epochs 1 there, 3 here\)"):
+    train_lib.train_and_evaluate(TINY, workdir, dataset=fake_mnist)
+  capsys.readouterr()
+  results = train_lib.train_and_evaluate(TINY, workdir, dataset=fake_mnist, restart=True)
+  assert "resuming" not in capsys.readouterr().out
+  reference_dir, reference_results = short_run
+  _assert_same_run(workdir, results, reference_dir, reference_results)
+  with checkpoint.open_states(workdir) as states:
+    assert checkpoint.latest_state_meta(states)["config"] == TINY.to_dict()
+
+
+def test_run_differences_ignore_where_the_data_is():
+  assert run_differences(TINY, TINY.replace(mnist_dir="/a", data_dir="/b", require_gpu=True,
+                                            eval_batch_size=7)) == {}
+  assert run_differences(TINY, TINY.replace(lr=0.1, swa=False)) == {
+      "lr": (0.05, 0.1), "swa": (True, False)}
+
+
+def test_cli_refuses_a_workdir_of_another_config(fake_mnist, tmp_path):
+  workdir = str(tmp_path / "run")
+  saved = Config(epochs=1, batch_size=32)
+  train_lib.train_and_evaluate(saved, workdir, dataset=fake_mnist, write_artifacts=False)
+  # Refused before any data is read: no MNIST is needed here.
+  r = _cli("--epochs", "1", "--batch-size", "32", "--lr", "0.1", "--workdir", workdir,
+           "--data-dir", str(tmp_path / "nowhere"))
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, r.stderr
+  assert "lr 0.2 there, 0.1 here" in errors[0] and "--restart" in errors[0]
+  assert "epochs" not in errors[0] and "data_dir" not in errors[0]
+  assert os.listdir(os.path.join(workdir, "state")) == ["1"]  # left as it was
+
+
+# `python -m adder.train` on fake data: the same CLI, with `adder.data.load_mnist`
+# answering with 4,096 fake images (128 steps of 32 per epoch).
+_FAKE_DATA_CLI = """
+import sys
+from conftest import make_fake_mnist
+from adder import data, train
+data.load_mnist = lambda mnist_dir=None, data_dir=None: make_fake_mnist(num_train=4096)
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def _fake_data_cli_env():
+  tests = os.path.dirname(os.path.abspath(__file__))
+  return {**os.environ, "PYTHONPATH": os.pathsep.join(
+      p for p in (tests, str(REPO), os.environ.get("PYTHONPATH")) if p)}
+
+
+def test_cli_sigterm_saves_the_last_epoch_and_a_rerun_resumes(tmp_path):
+  args = [sys.executable, "-c", _FAKE_DATA_CLI, "--epochs", "3", "--batch-size", "32",
+          "--lr", "0.05", "--no-swa", "--workdir", str(tmp_path / "run")]
+  proc = subprocess.Popen(args, cwd=REPO, env=_fake_data_cli_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    for line in proc.stdout:  # training has begun once epoch 1 is logged
+      if line.startswith("epoch  1/3"):
+        break
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  assert proc.returncode == 143, stderr
+  assert "Traceback" not in stderr
+  stopped = [l for l in stderr.splitlines() if l.startswith("stopped by SIGTERM")]
+  assert len(stopped) == 1 and "run the same command again to resume" in stopped[0], stderr
+  saved = int(stopped[0].split("; epoch ")[1].split()[0])
+  assert 1 <= saved < 3
+  assert [r["epoch"] for r in _rows(tmp_path / "run")] == list(range(1, saved + 1))
+
+  r = subprocess.run(args, cwd=REPO, env=_fake_data_cli_env(), capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 0, r.stderr
+  assert f"resuming after epoch {saved}/3" in r.stdout
+  assert [r["epoch"] for r in _rows(tmp_path / "run")] == [1, 2, 3]
+  assert os.path.exists(tmp_path / "run" / "results.json")
+
+
+# --- bad input -------------------------------------------------------------------
+
+
+def _one_error_line(r):
+  assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, r.stderr
+  return errors[0]
+
+
+def test_cli_refuses_a_workdir_that_is_a_file(tmp_path):
+  path = tmp_path / "a_file"
+  path.write_text("not a folder")
+  error = _one_error_line(_cli("--workdir", str(path)))
+  assert f"--workdir {path} is a file" in error
+
+
+def test_cli_batch_larger_than_the_training_set(tmp_path):
+  # Refused before MNIST is read: no data is needed here.
+  error = _one_error_line(_cli("--batch-size", "70000", "--workdir", str(tmp_path / "w"),
+                               "--data-dir", str(tmp_path / "nowhere")))
+  assert "batch size 70000 exceeds the 60000 training images" in error
