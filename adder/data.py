@@ -111,7 +111,7 @@ def can_reach(url: str, timeout: float = REACH_TIMEOUT_S) -> bool:
 def _import_tfds() -> Any:
   """tensorflow_datasets, once array_record (its ArrayRecord reader/writer) imports."""
   try:
-    import array_record.python.array_record_data_source  # pylint: disable=g-import-not-at-top,unused-import
+    import array_record.python.array_record_data_source  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     raise DataError(
         f"array_record cannot be imported ({e}); adder reads MNIST through it: "

@@ -344,11 +344,6 @@ def _log(*args) -> None:
     print(*args, flush=True)
 
 
-def create_mesh() -> Mesh:
-  """A 1-D mesh with axis ``data`` over every device (see `adder.devices`)."""
-  return devices.create_mesh()
-
-
 class Setup(NamedTuple):
   """What every epoch and the final evaluation need, made once by `setup`."""
 
@@ -381,7 +376,7 @@ def check_batch_fits(batch_size: int, num_images: int) -> None:
 
 def setup(config: Config, dataset: dict[str, np.ndarray]) -> tuple[Setup, TrainState]:
   """Mesh, data on the devices, the jitted functions, and the initial state."""
-  mesh = create_mesh()
+  mesh = devices.create_mesh()
   n_dev = mesh.size
   check_batch_size(config.batch_size, n_dev)
   replicated = NamedSharding(mesh, P())
@@ -616,11 +611,12 @@ def train_epochs(
     workdir: str,
     test_pairs: tuple[np.ndarray, np.ndarray],
 ) -> tuple[TrainState, list[dict]]:
-  """The epochs after those in `history` up to ``config.epochs``, each saved and logged.
+  """The epochs after those in `history` up to ``config.epochs``, logged and saved.
 
   ``metrics.jsonl`` is first rewritten from `history` (a resumed run's rows,
-  each once); every epoch then saves its state (`save_state`) and appends its
-  row.
+  each once); every epoch then appends its row, and saves its state
+  (`save_state`) once ``config.save_every_s`` have passed since the last save,
+  and after the last epoch.
 
   Raises:
     KeyboardInterrupt, Terminated: stopped by a signal. The saves under way
@@ -632,11 +628,15 @@ def train_epochs(
       f.writelines(json.dumps(row) + "\n" for row in history)
   history = list(history)
   epoch = len(history) + 1
+  last_save = time.perf_counter()
   try:
     for epoch in range(len(history) + 1, config.epochs + 1):
       state, row = run_epoch(s, state, epoch, test_pairs)
       history.append(row)
-      save_state(states, epoch, state, history, config)
+      if (epoch == config.epochs
+          or time.perf_counter() - last_save >= config.save_every_s):
+        save_state(states, epoch, state, history, config)
+        last_save = time.perf_counter()
       if is_main_process():
         with open(metrics_path, "a") as f:
           f.write(json.dumps(row) + "\n")
@@ -753,6 +753,10 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
                       "there resumes (default: %(default)s)")
   p.add_argument("--restart", action="store_true",
                  help="delete the training state saved in the workdir and start over")
+  p.add_argument("--save-every", type=float, default=Config().save_every_s, metavar="SECONDS",
+                 help="save the training state after an epoch once this many seconds have "
+                      "passed since the last save, and after the last epoch; 0: every "
+                      "epoch (default: %(default)s)")
   add_recipe_flags(p)
   p.add_argument("--require-gpu", action="store_true",
                  help="refuse to train unless JAX sees a GPU")
@@ -764,7 +768,10 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
   multi.add_argument("--num-processes", type=int, default=None, help="number of processes")
   multi.add_argument("--process-id", type=int, default=None, help="this process, 0-based")
   a = p.parse_args(argv)
-  config = config_from_flags(p, a).replace(require_gpu=a.require_gpu)
+  if not a.save_every >= 0:
+    p.error("--save-every must be 0 or more seconds")
+  config = config_from_flags(p, a).replace(require_gpu=a.require_gpu,
+                                           save_every_s=a.save_every)
   return config, a
 
 

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import chex
 import jax
@@ -22,7 +21,8 @@ from adder import train as train_lib
 from adder.config import Config, run_differences
 from conftest import REPO
 
-TINY = Config(epochs=3, batch_size=32, lr=0.05, eval_batch_size=64, swa_start_frac=0.5)
+TINY = Config(epochs=3, batch_size=32, lr=0.05, eval_batch_size=64, swa_start_frac=0.5,
+              save_every_s=0.0)  # every epoch saved: the resume tests stop after any
 
 
 def _batch(dataset, bs=16, seed=0):
@@ -292,6 +292,15 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(
   assert sorted(os.listdir(os.path.join(workdir, "state"))) == ["2", "3"]  # the last two
 
 
+def test_saves_wait_for_the_interval_but_the_last_epoch_is_always_saved(
+    fake_mnist, tmp_path):
+  workdir = str(tmp_path / "run")
+  rare = TINY.replace(save_every_s=1e9)  # no epoch before the last is due a save
+  train_lib.train_and_evaluate(rare, workdir, dataset=fake_mnist, write_artifacts=False)
+  assert os.listdir(os.path.join(workdir, "state")) == ["3"]
+  assert [r["epoch"] for r in _rows(workdir)] == [1, 2, 3]
+
+
 def test_restart_starts_over(short_run, fake_mnist, tmp_path, capsys):
   workdir = str(tmp_path / "run")
   other = TINY.replace(epochs=1)
@@ -348,7 +357,7 @@ def _fake_data_cli_env():
 
 def test_cli_sigterm_saves_the_last_epoch_and_a_rerun_resumes(tmp_path):
   args = [sys.executable, "-c", _FAKE_DATA_CLI, "--epochs", "3", "--batch-size", "32",
-          "--lr", "0.05", "--no-swa", "--workdir", str(tmp_path / "run")]
+          "--lr", "0.05", "--no-swa", "--save-every", "0", "--workdir", str(tmp_path / "run")]
   proc = subprocess.Popen(args, cwd=REPO, env=_fake_data_cli_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   try:
