@@ -3,7 +3,9 @@
 `write_all` writes ``loss.png`` (train and test loss per epoch), ``accuracy.png`` (test
 digit / sum / joint accuracy per epoch), ``lr.png`` (learning rate per epoch),
 ``samples.png`` (test images with the integer and the predictions; wrong ones
-in red) and ``confusion.png`` (the digit head's confusion matrix, in counts).
+in red), ``mistakes.png`` (the test cases with a wrong digit or sum, with the
+truth and the prediction) and ``confusion.png`` (the digit head's confusion
+matrix, in counts).
 Each plot is one function taking plain arrays and an output path. Figures are
 built with matplotlib's object API (`matplotlib.figure.Figure`, rendered by
 Agg), not pyplot: no global state, no display, and importing this module does
@@ -21,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 NUM_SAMPLES = 32  # test images in samples.png
+NUM_MISTAKES = 40  # wrong cases in mistakes.png
 SAMPLE_COLUMNS = 8
 DPI = 120
 
@@ -121,6 +124,46 @@ def plot_samples(
   return _save(fig, path)
 
 
+def mistakes(labels: np.ndarray, numbers: np.ndarray, digit_pred: np.ndarray,
+             sum_pred: np.ndarray) -> np.ndarray:
+  """Indices, int (M,) ascending, of the cases whose digit or sum is wrong."""
+  labels, numbers = np.asarray(labels), np.asarray(numbers)
+  return np.flatnonzero((np.asarray(digit_pred) != labels)
+                        | (np.asarray(sum_pred) != labels + numbers))
+
+
+def plot_mistakes(
+    images: np.ndarray,
+    labels: np.ndarray,
+    numbers: np.ndarray,
+    digit_pred: np.ndarray,
+    sum_pred: np.ndarray,
+    path: str,
+) -> str:
+  """The first `NUM_MISTAKES` wrong cases, each titled ``#i n=3`` / ``d 7→1 s 10→4``.
+
+  ``d`` and ``s`` give the true digit and sum, then the predicted ones; the
+  suptitle counts all the wrong cases.
+
+  Args:
+    images: uint8 (N, 28, 28); labels, numbers, digit_pred, sum_pred: int (N,).
+  """
+  wrong = mistakes(labels, numbers, digit_pred, sum_pred)
+  shown = wrong[:NUM_MISTAKES]
+  rows = max(1, -(-len(shown) // SAMPLE_COLUMNS))
+  fig = _figure(figsize=(1.6 * SAMPLE_COLUMNS, 1.9 * rows))
+  axes = fig.subplots(rows, SAMPLE_COLUMNS, squeeze=False)
+  for ax in axes.flat:
+    ax.axis("off")
+  for ax, i in zip(axes.flat, shown):
+    ax.imshow(np.asarray(images[i]).reshape(28, 28), cmap="gray", vmin=0, vmax=255)
+    ax.set_title(f"#{i} n={numbers[i]}\nd {labels[i]}→{digit_pred[i]} "
+                 f"s {labels[i] + numbers[i]}→{sum_pred[i]}", fontsize=7, color="red")
+  fig.suptitle(f"Wrong test cases: {len(wrong)} of {len(labels)} "
+               f"(first {len(shown)}); true → predicted digit d and sum s, integer n")
+  return _save(fig, path)
+
+
 def confusion_matrix(labels: np.ndarray, pred: np.ndarray, num_classes: int = 10) -> np.ndarray:
   """int64 (num_classes, num_classes): row = true class, column = predicted."""
   counts = np.zeros((num_classes, num_classes), np.int64)
@@ -155,7 +198,7 @@ def write_all(
     digit_pred: np.ndarray,
     sum_pred: np.ndarray,
 ) -> list[str]:
-  """Write the five PNGs into `workdir`; returns their paths.
+  """Write the six PNGs into `workdir`; returns their paths.
 
   Args:
     history: one dict per epoch with ``epoch``, ``train_loss``,
@@ -172,5 +215,7 @@ def write_all(
       plot_lr(history, out("lr.png")),
       plot_samples(test_images, test_labels, test_numbers, digit_pred, sum_pred,
                    out("samples.png")),
+      plot_mistakes(test_images, test_labels, test_numbers, digit_pred, sum_pred,
+                    out("mistakes.png")),
       plot_confusion(test_labels, digit_pred, out("confusion.png")),
   ]

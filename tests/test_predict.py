@@ -346,10 +346,18 @@ def test_write_all_plots(tmp_path):
   paths = plots.write_all(str(tmp_path / "wd"), history,
                           rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
                           labels, numbers, digit_pred, digit_pred + numbers)
-  names = ["loss.png", "accuracy.png", "lr.png", "samples.png", "confusion.png"]
+  names = ["loss.png", "accuracy.png", "lr.png", "samples.png", "mistakes.png",
+           "confusion.png"]
   assert [os.path.basename(p) for p in paths] == names
   for path in paths:
     with Image.open(path) as img:
       assert img.format == "PNG" and min(img.size) > 100
   counts = plots.confusion_matrix(labels, digit_pred)
   assert counts.sum() == n and np.trace(counts) == n - len(range(0, n, 5))
+
+
+def test_mistakes_are_the_cases_with_a_wrong_digit_or_sum():
+  labels, numbers = np.array([1, 2, 3, 4]), np.array([0, 5, 9, 1])
+  digit_pred = np.array([1, 7, 3, 4])  # case 1: digit wrong (and so its sum)
+  sum_pred = np.array([1, 12, 11, 5])  # case 2: digit right, sum wrong
+  np.testing.assert_array_equal(plots.mistakes(labels, numbers, digit_pred, sum_pred), [1, 2])

@@ -156,7 +156,8 @@ def test_results_json_keys(short_run):
 def test_artifacts_and_checkpoint_predicts_like_training(short_run, fake_mnist):
   from adder import predict  # pylint: disable=g-import-not-at-top
   workdir, results = short_run
-  for name in ("loss.png", "accuracy.png", "lr.png", "samples.png", "confusion.png"):
+  for name in ("loss.png", "accuracy.png", "lr.png", "samples.png", "mistakes.png",
+               "confusion.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
   predictor = predict.load(workdir)  # the averaged weights, as evaluated
   images = fake_mnist["test_images"]
