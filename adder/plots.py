@@ -93,6 +93,22 @@ def plot_lr(history: Sequence[dict], path: str) -> str:
   return _save(fig, path)
 
 
+def _image_grid(images: np.ndarray, indices, row_height: float):
+  """A figure of `SAMPLE_COLUMNS`-wide rows showing ``images[indices]``, axes off.
+
+  Returns the figure and its axes in order, the first ``len(indices)`` holding
+  the images (at least one row, so an empty selection still draws).
+  """
+  rows = max(1, -(-len(indices) // SAMPLE_COLUMNS))
+  fig = _figure(figsize=(1.6 * SAMPLE_COLUMNS, row_height * rows))
+  axes = list(fig.subplots(rows, SAMPLE_COLUMNS, squeeze=False).flat)
+  for ax in axes:
+    ax.axis("off")
+  for ax, i in zip(axes, indices):
+    ax.imshow(np.asarray(images[i]).reshape(28, 28), cmap="gray", vmin=0, vmax=255)
+  return fig, axes
+
+
 def plot_samples(
     images: np.ndarray,
     labels: np.ndarray,
@@ -109,15 +125,9 @@ def plot_samples(
     images: uint8 (N, 28, 28); labels, numbers, digit_pred, sum_pred: int (N,).
   """
   n = min(NUM_SAMPLES, len(images))
-  rows = -(-n // SAMPLE_COLUMNS)
-  fig = _figure(figsize=(1.6 * SAMPLE_COLUMNS, 1.8 * rows))
-  axes = fig.subplots(rows, SAMPLE_COLUMNS, squeeze=False)
-  for i, ax in enumerate(axes.flat):
-    ax.axis("off")
-    if i >= n:
-      continue
+  fig, axes = _image_grid(images, range(n), row_height=1.8)
+  for i, ax in zip(range(n), axes):
     right = digit_pred[i] == labels[i] and sum_pred[i] == labels[i] + numbers[i]
-    ax.imshow(np.asarray(images[i]).reshape(28, 28), cmap="gray", vmin=0, vmax=255)
     ax.set_title(f"n={numbers[i]} -> d={digit_pred[i]} s={sum_pred[i]}", fontsize=8,
                  color="black" if right else "red")
   fig.suptitle("Test samples: integer n, predicted digit d and sum s (red: wrong)")
@@ -150,13 +160,8 @@ def plot_mistakes(
   """
   wrong = mistakes(labels, numbers, digit_pred, sum_pred)
   shown = wrong[:NUM_MISTAKES]
-  rows = max(1, -(-len(shown) // SAMPLE_COLUMNS))
-  fig = _figure(figsize=(1.6 * SAMPLE_COLUMNS, 1.9 * rows))
-  axes = fig.subplots(rows, SAMPLE_COLUMNS, squeeze=False)
-  for ax in axes.flat:
-    ax.axis("off")
-  for ax, i in zip(axes.flat, shown):
-    ax.imshow(np.asarray(images[i]).reshape(28, 28), cmap="gray", vmin=0, vmax=255)
+  fig, axes = _image_grid(images, shown, row_height=1.9)
+  for ax, i in zip(axes, shown):
     ax.set_title(f"#{i} n={numbers[i]}\nd {labels[i]}→{digit_pred[i]} "
                  f"s {labels[i] + numbers[i]}→{sum_pred[i]}", fontsize=7, color="red")
   fig.suptitle(f"Wrong test cases: {len(wrong)} of {len(labels)} "
