@@ -30,6 +30,12 @@ class Config:
   data_dir: Optional[str] = None
   # Seed of the fixed (image, integer) pairs of the `test` evaluation set.
   eval_seed: int = 1234
+  # Augmentation of the training images (`adder.augment`), drawn per step on
+  # the device: a uniform shift of up to this many pixels along each axis and
+  # a rotation of up to this many degrees either way. 0 and 0: none (the
+  # recipe of the PyTorch reference and the parity tests).
+  augment_shift_px: float = 1.0
+  augment_rotate_deg: float = 5.0
 
   # --- model ---
   # Channels of the five 3x3 conv blocks; the last is the image-embedding size.
@@ -63,6 +69,15 @@ class Config:
   # epoch. A save holds training up for about 50-80 ms: nothing on the CPU's
   # 15 s epochs, a quarter of a 0.19 s epoch on a GPU.
   save_every_s: float = 30.0
+
+  @property
+  def augment(self) -> bool:
+    """Whether training images are augmented."""
+    return self.augment_shift_px > 0 or self.augment_rotate_deg > 0
+
+  def without_augmentation(self) -> "Config":
+    """This recipe with the training images as they are (the PyTorch reference's)."""
+    return self.replace(augment_shift_px=0.0, augment_rotate_deg=0.0)
 
   def replace(self, **changes: Any) -> "Config":
     return dataclasses.replace(self, **changes)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-METRIC_NAMES = ("digit_acc", "sum_acc", "joint_acc", "consistency")
+METRIC_NAMES = ("digit_acc", "sum_acc", "joint_acc", "consistency", "sum_given_digit")
 
 
 def compute_metrics(
@@ -27,7 +27,10 @@ def compute_metrics(
     ``sum_acc``: share with ``sum_pred == digit + number``;
     ``joint_acc``: share with both right;
     ``consistency``: share with ``sum_pred == digit_pred + number`` (the two
-    heads agree, right or wrong). Each a float in [0, 1].
+    heads agree, right or wrong);
+    ``sum_given_digit``: among the cases with the digit right, the share with
+    the sum right too (1.0 when the adder part is exact; NaN if no digit is
+    right). Each a float in [0, 1].
   """
   digit_pred, sum_pred, digits, numbers = (
       np.asarray(a).astype(np.int64) for a in (digit_pred, sum_pred, digits, numbers))
@@ -42,4 +45,22 @@ def compute_metrics(
       "sum_acc": float(sum_ok.mean()),
       "joint_acc": float((digit_ok & sum_ok).mean()),
       "consistency": float((sum_pred == digit_pred + numbers).mean()),
+      "sum_given_digit": float(sum_ok[digit_ok].mean()) if digit_ok.any() else float("nan"),
   }
+
+
+def joint_by_number(
+    digit_pred: np.ndarray,
+    sum_pred: np.ndarray,
+    digits: np.ndarray,
+    numbers: np.ndarray,
+) -> list[float]:
+  """Joint accuracy among the cases of each integer 0..9: a list of 10 floats.
+
+  Arguments as `compute_metrics`'. An integer with no case gets NaN.
+  """
+  digit_pred, sum_pred, digits, numbers = (
+      np.asarray(a).astype(np.int64) for a in (digit_pred, sum_pred, digits, numbers))
+  joint = (digit_pred == digits) & (sum_pred == digits + numbers)
+  return [float(joint[numbers == k].mean()) if (numbers == k).any() else float("nan")
+          for k in range(10)]

@@ -47,6 +47,7 @@ from flax import serialization
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from adder import augment as augment_lib
 from adder import checkpoint
 from adder import data as data_lib
 from adder import devices
@@ -54,6 +55,18 @@ from adder import metrics as metrics_lib
 from adder import model as model_lib
 from adder import optim
 from adder.config import Config, add_recipe_flags, config_from_flags, run_differences
+
+
+# ``augment(key, images) -> images`` on float (B, 28, 28) pixel intensities.
+Augment = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def create_augment(config: Config) -> Optional[Augment]:
+  """`adder.augment.random_affine` with the config's bounds; None without augmentation."""
+  if not config.augment:
+    return None
+  return functools.partial(augment_lib.random_affine, shift_px=config.augment_shift_px,
+                           rotate_deg=config.augment_rotate_deg)
 
 
 class TrainState(train_state.TrainState):
@@ -92,21 +105,33 @@ def cross_entropy_loss(
 
 
 def make_batch(
-    images_u8: jax.Array, labels: jax.Array, indices: jax.Array, numbers: jax.Array
+    images_u8: jax.Array,
+    labels: jax.Array,
+    indices: jax.Array,
+    numbers: jax.Array,
+    augment_key: Optional[jax.Array] = None,
+    *,
+    augment: Optional[Augment] = None,
 ) -> dict[str, jax.Array]:
-  """Gather a training batch on the device.
+  """Gather a training batch on the device, augmented if `augment` is given.
 
   Args:
     images_u8: uint8 (N, 28, 28), the whole image set. labels: int32 (N,).
     indices: int32 (B,) into the set. numbers: int32 (B,) in 0..9.
+    augment_key: the PRNG key of this batch's transforms (with `augment`).
+    augment: ``augment(key, images) -> images`` on float (B, 28, 28) pixel
+      intensities, e.g. `adder.augment.random_affine` with its bounds bound.
 
   Returns:
     ``{"image": float32 (B, 28, 28, 1) normalised, "number": int32 (B,),
     "digit": int32 (B,), "sum": int32 (B,) in 0..18}``.
   """
   digits = labels[indices]
+  images = images_u8[indices].astype(jnp.float32)
+  if augment is not None:
+    images = augment(augment_key, images)
   return {
-      "image": model_lib.normalize_images(images_u8[indices]),
+      "image": model_lib.normalize_images(images),
       "number": numbers,
       "digit": digits,
       "sum": digits + numbers,
@@ -136,17 +161,20 @@ def train_batch(
     labels: jax.Array,
     indices: jax.Array,
     numbers: jax.Array,
+    augment_key: Optional[jax.Array] = None,
     *,
     batch_sharding: Optional[NamedSharding] = None,
+    augment: Optional[Augment] = None,
 ) -> tuple[TrainState, dict]:
   """Gather one batch on the device (see `make_batch`) and take one `train_step`.
 
   Args:
     indices, numbers: int32 (B,), e.g. a row of `adder.data.epoch_plan`.
+    augment_key, augment: see `make_batch`.
     batch_sharding: where the batch lives (split along the mesh's ``data``
       axis); None leaves placement to the compiler.
   """
-  batch = make_batch(images_u8, labels, indices, numbers)
+  batch = make_batch(images_u8, labels, indices, numbers, augment_key, augment=augment)
   if batch_sharding is not None:
     batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
   return train_step(state, batch)
@@ -158,18 +186,22 @@ def train_steps(
     labels: jax.Array,
     indices: jax.Array,
     numbers: jax.Array,
+    augment_keys: Optional[jax.Array] = None,
     *,
     batch_sharding: Optional[NamedSharding] = None,
+    augment: Optional[Augment] = None,
 ) -> tuple[TrainState, dict]:
   """`train_batch` scanned over the rows of ``indices`` and ``numbers`` (steps, B).
 
+  With `augment`, ``augment_keys`` holds one PRNG key per step (steps, ...).
   Returns the new state and per-step metrics, each float32 (steps,).
   """
 
   def body(state, xs):
-    return train_batch(state, images_u8, labels, *xs, batch_sharding=batch_sharding)
+    return train_batch(state, images_u8, labels, *xs, batch_sharding=batch_sharding,
+                       augment=augment)
 
-  return jax.lax.scan(body, state, (indices, numbers))
+  return jax.lax.scan(body, state, (indices, numbers, augment_keys))
 
 
 def train_epoch(
@@ -181,18 +213,22 @@ def train_epoch(
     *,
     batch_size: int,
     batch_sharding: Optional[NamedSharding] = None,
+    augment: Optional[Augment] = None,
 ) -> tuple[TrainState, dict]:
   """One epoch: the pairs of `adder.data.epoch_plan` (key, epoch), then `train_steps`.
 
-  Jit it with ``batch_size`` and ``batch_sharding`` static and the state
-  donated: ``epoch`` is traced, so every epoch reuses one compilation.
+  With `augment`, each step's transforms are drawn from its own key
+  (`adder.augment.step_keys` of key, epoch). Jit it with ``batch_size``,
+  ``batch_sharding`` and ``augment`` static and the state donated: ``epoch``
+  is traced, so every epoch reuses one compilation.
 
   Returns:
     The new state and per-step metrics, each float32 (N // batch_size,).
   """
   indices, numbers = data_lib.epoch_plan(key, epoch, images_u8.shape[0], batch_size)
-  return train_steps(state, images_u8, labels, indices, numbers,
-                     batch_sharding=batch_sharding)
+  keys = None if augment is None else augment_lib.step_keys(key, epoch, indices.shape[0])
+  return train_steps(state, images_u8, labels, indices, numbers, keys,
+                     batch_sharding=batch_sharding, augment=augment)
 
 
 def eval_step(
@@ -395,7 +431,8 @@ def setup(config: Config, dataset: dict[str, np.ndarray]) -> tuple[Setup, TrainS
   model = model_lib.create_model(config)
   epoch_fn = jax.jit(
       functools.partial(train_epoch, batch_size=config.batch_size,
-                        batch_sharding=batch_sharding), donate_argnums=0)
+                        batch_sharding=batch_sharding, augment=create_augment(config)),
+      donate_argnums=0)
   # Evaluation chunks split along `data` too; the outputs come back replicated.
   eval_fn = jax.jit(functools.partial(eval_step, model.apply), out_shardings=replicated)
   eval_batch = -(-config.eval_batch_size // n_dev) * n_dev
@@ -458,11 +495,14 @@ def final_evaluation(
   for name, variables in weight_sets.items():
     test_scores, test_preds[name] = s.evaluate(
         variables, image_index=test_pairs[0], numbers=test_pairs[1])
-    ex_scores, _ = s.evaluate(variables, image_index=ex_pairs[0], numbers=ex_pairs[1])
+    ex_scores, ex_preds = s.evaluate(variables, image_index=ex_pairs[0], numbers=ex_pairs[1])
+    ex_scores["joint_acc_by_number"] = metrics_lib.joint_by_number(
+        *ex_preds, s.test_y[ex_pairs[0]], ex_pairs[1])
     results[name] = {"test": test_scores, "exhaustive": ex_scores}
     _log(f"{name:5s}  test joint {test_scores['joint_acc']:.4f}  exhaustive: digit "
          f"{ex_scores['digit_acc']:.4f} sum {ex_scores['sum_acc']:.4f} joint "
-         f"{ex_scores['joint_acc']:.4f} consistency {ex_scores['consistency']:.4f}")
+         f"{ex_scores['joint_acc']:.4f} consistency {ex_scores['consistency']:.4f} "
+         f"sum|digit {ex_scores['sum_given_digit']:.4f}")
   return results, test_preds
 
 
@@ -758,6 +798,16 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
                       "passed since the last save, and after the last epoch; 0: every "
                       "epoch (default: %(default)s)")
   add_recipe_flags(p)
+  d = Config()
+  p.add_argument("--augment-shift", type=float, default=d.augment_shift_px, metavar="PIXELS",
+                 help="largest random shift of a training image along each axis "
+                      "(default: %(default)s)")
+  p.add_argument("--augment-rotate", type=float, default=d.augment_rotate_deg,
+                 metavar="DEGREES",
+                 help="largest random rotation of a training image either way "
+                      "(default: %(default)s)")
+  p.add_argument("--no-augment", action="store_true",
+                 help="train on the images as they are (the PyTorch reference's recipe)")
   p.add_argument("--require-gpu", action="store_true",
                  help="refuse to train unless JAX sees a GPU")
   multi = p.add_argument_group(
@@ -770,8 +820,15 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
   a = p.parse_args(argv)
   if not a.save_every >= 0:
     p.error("--save-every must be 0 or more seconds")
-  config = config_from_flags(p, a).replace(require_gpu=a.require_gpu,
-                                           save_every_s=a.save_every)
+  for flag, value, most in (("--augment-shift", a.augment_shift, 14),
+                            ("--augment-rotate", a.augment_rotate, 180)):
+    if not 0 <= value <= most:
+      p.error(f"{flag} must be between 0 and {most}")
+  config = config_from_flags(p, a).replace(
+      require_gpu=a.require_gpu, save_every_s=a.save_every,
+      augment_shift_px=a.augment_shift, augment_rotate_deg=a.augment_rotate)
+  if a.no_augment:
+    config = config.without_augmentation()
   return config, a
 
 

@@ -130,8 +130,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def benchmark_config(a: argparse.Namespace) -> Config:
-  """The `Config` every pipeline trains with (seed replaced per run)."""
-  config = Config().replace(epochs=a.epochs, batch_size=a.batch_size)
+  """The `Config` every pipeline trains with (seed replaced per run).
+
+  The recipe without augmentation: the PyTorch pipelines have none, so every
+  pipeline does the same work.
+  """
+  config = Config().without_augmentation().replace(epochs=a.epochs, batch_size=a.batch_size)
   if a.quick:
     config = config.replace(eval_batch_size=QUICK_EVAL_BATCH)
   return config
@@ -683,7 +687,8 @@ def render_markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) 
       "How each figure is measured:",
       "",
       "- Each pipeline runs in its own subprocess, one after the other, on the same data "
-      "and `adder.config.Config` (model, batch size, epochs, optimizer, SWA).",
+      "and `adder.config.Config` (model, batch size, epochs, optimizer, SWA), without "
+      "augmentation (the original's recipe, which the PyTorch pipelines follow).",
       "- Training throughput: images per second over the steady-state steps, timed "
       "from after the first call to a host sync at the end. JAX: whole epochs of "
       "`train_epoch` (the epoch's plan drawn on the device, then a `lax.scan` of "

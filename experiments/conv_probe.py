@@ -34,7 +34,7 @@ def lax_conv(x, kernel):
 
 
 def time_epochs(dataset, epochs: int = 5) -> dict:
-  s, state = train.setup(Config(), dataset)
+  s, state = train.setup(Config().without_augmentation(), dataset)
   t0 = time.perf_counter()
   state, m = s.epoch_fn(state, s.train_x, s.train_y, s.data_key, 1)
   train.to_host(m["loss"])

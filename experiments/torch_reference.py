@@ -213,6 +213,9 @@ def create_run(
     dtype: of the parameters (float64 for the parity tests' exact runs); the
       inputs given to `train_step` must have it too.
   """
+  if config.augment:
+    raise ValueError("the PyTorch reference trains on the images as they are: pass "
+                     "config.without_augmentation()")
   device = torch.device(device)
   torch.manual_seed(config.seed)
   model = TorchAdderNet(config)
@@ -498,7 +501,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
     p.error("--num-workers must be at least 0")
   if a.threads is not None and a.threads < 1:
     p.error("--threads must be at least 1")
-  return config_from_flags(p, a), a
+  # The original recipe has no augmentation, and neither has this reference.
+  return config_from_flags(p, a).without_augmentation(), a
 
 
 def main(argv: Optional[list[str]] = None) -> int:

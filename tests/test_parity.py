@@ -46,7 +46,7 @@ def _load_reference():
 
 ref = _load_reference()
 
-CONFIG = Config()
+CONFIG = Config().without_augmentation()  # the PyTorch reference's recipe
 MODEL = model_lib.create_model(CONFIG)
 
 

@@ -25,7 +25,7 @@ STEPS_ON_ONE_AND_TWO_DEVICES = textwrap.dedent("""
     import json
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from adder import data, train
+    from adder import augment, data, train
     from adder.config import Config
 
     assert jax.device_count() == 2, jax.devices()
@@ -34,16 +34,21 @@ STEPS_ON_ONE_AND_TWO_DEVICES = textwrap.dedent("""
     y = rng.integers(0, 10, 256).astype(np.int32)
     config = Config(batch_size=32, epochs=1)
     idx, nums = data.epoch_plan(jax.random.PRNGKey(1), 0, 256, 32)
+    keys = augment.step_keys(jax.random.PRNGKey(1), 0, 4)
+    aug = train.create_augment(config)  # the default recipe augments
+    assert aug is not None
 
     def run(devices):
       mesh = Mesh(np.array(devices), ("data",))
       rep, by_data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
       state, _ = train.create_train_state(config, jax.random.PRNGKey(0), 8)
       state, xs, ys = train.replicate((state, x, y), rep)
-      step = jax.jit(train.train_batch, static_argnames="batch_sharding")
-      hlo = step.lower(state, xs, ys, idx[0], nums[0], batch_sharding=by_data).compile().as_text()
+      step = jax.jit(train.train_batch, static_argnames=("batch_sharding", "augment"))
+      hlo = step.lower(state, xs, ys, idx[0], nums[0], keys[0], batch_sharding=by_data,
+                       augment=aug).compile().as_text()
       for k in range(4):
-        state, _ = step(state, xs, ys, idx[k], nums[k], batch_sharding=by_data)
+        state, _ = step(state, xs, ys, idx[k], nums[k], keys[k], batch_sharding=by_data,
+                        augment=aug)
       return train.to_host((state.params, state.batch_stats)), hlo
 
     (one, hlo1), (two, hlo2) = run(jax.devices()[:1]), run(jax.devices())
