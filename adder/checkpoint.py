@@ -103,6 +103,10 @@ def save(path: str, weight_sets: dict[str, dict], config: Config) -> None:
     weight_sets: ``{"final": {"params": ..., "batch_stats": ...}}``, optionally
       with ``"swa"`` of the same structure; arrays are fetched to the host.
     config: the run's config; `load` rebuilds the model from it.
+
+  Collective: in a run of several processes every process calls it, with the
+  same weights; orbax writes numpy arrays (taken as replicated) and the JSON
+  from process 0 alone.
   """
   unknown = set(weight_sets) - set(WEIGHT_SETS)
   if not weight_sets or unknown:

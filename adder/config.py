@@ -120,6 +120,13 @@ def add_recipe_flags(parser) -> None:
   parser.add_argument("--seed", type=int, default=d.seed,
                       help="seeds initialisation, shuffling and the integers "
                            "(default: %(default)s)")
+  add_data_flags(parser)
+  parser.add_argument("--no-swa", action="store_true",
+                      help="do not average weights over the last 25%% of steps")
+
+
+def add_data_flags(parser) -> None:
+  """``--mnist-dir`` and ``--data-dir``: where MNIST is, for every command that reads it."""
   parser.add_argument("--mnist-dir", default=None,
                       help="folder with the four official MNIST IDX .gz files, used as "
                            "TFDS's manual directory (default: $ADDER_MNIST_DIR, else TFDS "
@@ -128,8 +135,6 @@ def add_recipe_flags(parser) -> None:
                       help="where the prepared MNIST is kept, as written by `python -m "
                            "adder.data`; prepared there if absent (default: $TFDS_DATA_DIR "
                            "or ~/tensorflow_datasets)")
-  parser.add_argument("--no-swa", action="store_true",
-                      help="do not average weights over the last 25%% of steps")
 
 
 def config_from_flags(parser, args) -> Config:

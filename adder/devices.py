@@ -14,6 +14,12 @@ another platform, ``JAX_NUM_CPU_DEVICES``, or a device count or the Eigen
 flag already in ``XLA_FLAGS`` leave the corresponding choice alone. Where JAX
 will train on a GPU (a CUDA plugin and an NVIDIA device are present, and
 ``JAX_PLATFORMS`` is unset), nothing is changed.
+
+In a run of several processes (`adder.train.initialize_distributed`), each
+process chooses its devices for its share of the global batch, and the
+processes exchange gradients through Gloo, JAX's TCP implementation of the
+CPU's cross-process collectives (MPI would need an MPI library), unless
+``JAX_CPU_COLLECTIVES_IMPLEMENTATION`` says otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from jax.sharding import Mesh
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 EIGEN_FLAG = "--xla_cpu_multi_thread_eigen"
+COLLECTIVES_ENV = "JAX_CPU_COLLECTIVES_IMPLEMENTATION"  # the user's choice, if set
 # Fewer images than this per device and the per-step synchronisation costs
 # more than the split saves.
 MIN_PER_DEVICE_BATCH = 16
@@ -63,17 +70,27 @@ def gpu_likely() -> bool:
   return plugin and bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
-def configure_cpu_devices(batch_size: int, env: Optional[dict] = None) -> str:
+def configure_cpu_devices(
+    batch_size: int, env: Optional[dict] = None, processes: int = 1
+) -> str:
   """Give the CPU backend one device per core for `batch_size`; say what was chosen.
 
   Call before JAX's backend starts. Sets ``jax_num_cpu_devices`` and appends
   ``--xla_cpu_multi_thread_eigen=false`` to ``XLA_FLAGS`` (when it splits
   the work over more than one device), unless the user decided either.
 
+  Args:
+    batch_size: the global batch.
+    env: the environment to read (and extend); None: ``os.environ``.
+    processes: the processes of the run. Each process's devices share
+      ``batch_size // processes`` images; with more than one, the CPU's
+      cross-process collectives (``jax_cpu_collectives_implementation``) are
+      set to Gloo unless ``JAX_CPU_COLLECTIVES_IMPLEMENTATION`` is set.
+
   Returns:
-    One line for the start-up log, e.g. ``"cpu: 2 devices (one per core),
-    --xla_cpu_multi_thread_eigen=false"`` or ``"cpu: as set by the user
-    (XLA_FLAGS)"``.
+    One line for the start-up log, e.g. ``"cpu: 2 device(s) for 2 core(s),
+    batch 128 split 2 ways, --xla_cpu_multi_thread_eigen=false"`` or ``"cpu:
+    device count as set by the user (XLA_FLAGS)"``.
   """
   env = os.environ if env is None else env
   platforms = env.get("JAX_PLATFORMS", "")
@@ -81,18 +98,29 @@ def configure_cpu_devices(batch_size: int, env: Optional[dict] = None) -> str:
     return f"cpu: not used (JAX_PLATFORMS={platforms})"
   if not platforms and gpu_likely():
     return "cpu: left at JAX's defaults (a GPU is present)"
+  across = ""
+  if processes > 1:
+    if COLLECTIVES_ENV in env:
+      across = f"; collectives across {processes} processes as set by the user"
+    else:
+      # Without cross-process collectives a CPU backend cannot run a step
+      # whose devices live in several processes.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+      across = f"; Gloo collectives across {processes} processes"
   xla_flags = env.get("XLA_FLAGS", "")
   if "JAX_NUM_CPU_DEVICES" in env or DEVICE_COUNT_FLAG in xla_flags:
     source = "JAX_NUM_CPU_DEVICES" if "JAX_NUM_CPU_DEVICES" in env else "XLA_FLAGS"
-    return f"cpu: device count as set by the user ({source})"
+    return f"cpu: device count as set by the user ({source})" + across
   cores = usable_cores()
-  n = cpu_device_count(batch_size, cores)
+  share = batch_size // processes  # this process's part of every batch
+  n = cpu_device_count(share, cores)
   jax.config.update("jax_num_cpu_devices", n)
-  line = f"cpu: {n} device(s) for {cores} core(s), batch {batch_size} split {n} ways"
+  per_process = " per process" if processes > 1 else ""
+  line = f"cpu: {n} device(s) for {cores} core(s), batch {share}{per_process} split {n} ways"
   if n > 1 and EIGEN_FLAG not in xla_flags:
     env["XLA_FLAGS"] = f"{xla_flags} {EIGEN_FLAG}=false".strip()
     line += f", {EIGEN_FLAG}=false"
-  return line
+  return line + across
 
 
 def create_mesh() -> Mesh:

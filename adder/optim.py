@@ -7,8 +7,10 @@
 * `swa` is an optax ``GradientTransformation`` that keeps, from a start step
   on, the running mean of the parameters each update produces, like
   ``torch.optim.swa_utils.AveragedModel`` updated after every step.
-* `create_optimizer` chains them as ``torch.optim.SGD(momentum, weight_decay)``
-  driven by OneCycleLR computes its updates.
+* `create_sgd` is ``torch.optim.SGD(momentum, weight_decay)`` as optax, its
+  learning rate and momentum floats or schedules; `create_optimizer` chains it,
+  driven by the one-cycle schedules, with `swa`. The learning-rate finder
+  (`adder.lr_find`) drives the same SGD with its own schedule.
 """
 
 from __future__ import annotations
@@ -154,6 +156,30 @@ def swa_state(opt_state) -> Optional[SWAState]:
   return None
 
 
+def create_sgd(
+    config,
+    learning_rate: float | optax.Schedule,
+    momentum: float | optax.Schedule,
+) -> optax.GradientTransformation:
+  """``torch.optim.SGD(lr, momentum, weight_decay, nesterov)`` of `config` as optax.
+
+  The decay is added to the gradient, then the momentum trace, then the
+  learning rate, as PyTorch does. Both hyperparameters are injected
+  (``optax.inject_hyperparams``): a float, or a schedule of the 0-based update
+  count, and their current values can be read from the state.
+  """
+
+  @optax.inject_hyperparams
+  def _sgd(learning_rate, momentum):
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.trace(decay=momentum, nesterov=config.nesterov),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+  return _sgd(learning_rate=learning_rate, momentum=momentum)
+
+
 def create_optimizer(
     config, steps_per_epoch: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -178,15 +204,7 @@ def create_optimizer(
       max_momentum=config.max_momentum,
   )
 
-  @optax.inject_hyperparams
-  def _sgd(learning_rate, momentum):
-    return optax.chain(
-        optax.add_decayed_weights(config.weight_decay),
-        optax.trace(decay=momentum, nesterov=config.nesterov),
-        optax.scale_by_learning_rate(learning_rate),
-    )
-
-  tx = _sgd(learning_rate=lr_fn, momentum=momentum_fn)
+  tx = create_sgd(config, lr_fn, momentum_fn)
   if config.swa:
     tx = optax.chain(tx, swa(swa_start_step(config, total_steps)))
   return tx, lr_fn

@@ -5,7 +5,8 @@ digit / sum / joint accuracy per epoch), ``lr.png`` (learning rate per epoch),
 ``samples.png`` (test images with the integer and the predictions; wrong ones
 in red), ``mistakes.png`` (the test cases with a wrong digit or sum, with the
 truth and the prediction) and ``confusion.png`` (the digit head's confusion
-matrix, in counts).
+matrix, in counts). `plot_lr_find` draws the learning-rate range test of
+`adder.lr_find` (``lr_find.png``).
 Each plot is one function taking plain arrays and an output path. Figures are
 built with matplotlib's object API (`matplotlib.figure.Figure`, rendered by
 Agg), not pyplot: no global state, no display, and importing this module does
@@ -15,7 +16,7 @@ not change the backend of a notebook.
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -224,3 +225,41 @@ def write_all(
                     out("mistakes.png")),
       plot_confusion(test_labels, digit_pred, out("confusion.png")),
   ]
+
+
+def plot_lr_find(
+    lrs: np.ndarray,
+    losses: np.ndarray,
+    smoothed: np.ndarray,
+    suggestion: Optional[int],
+    path: str,
+    reference_lr: Optional[float] = None,
+) -> str:
+  """Loss against learning rate (log x) of a range test, the suggestion marked.
+
+  Args:
+    lrs: float (K,) increasing, each step's learning rate.
+    losses: float (K,) each step's training loss, drawn faint.
+    smoothed: float (K,) the smoothed loss, the curve the suggestion is read on.
+    suggestion: index into the curve of the suggested learning rate, or None.
+    reference_lr: drawn as a dashed vertical line (the recipe's peak lr), or None.
+  """
+  fig = _figure(figsize=(6.5, 4))
+  ax = fig.subplots()
+  ax.plot(lrs, losses, color="0.75", linewidth=0.8, label="loss per step")
+  ax.plot(lrs, smoothed, color="C0", label="smoothed loss")
+  if suggestion is not None:
+    ax.plot(lrs[suggestion], smoothed[suggestion], "o", color="red", markersize=8,
+            label=f"suggested lr {lrs[suggestion]:.3g} (steepest descent)")
+  if reference_lr is not None:
+    ax.axvline(reference_lr, color="C2", linestyle="--",
+               label=f"peak lr of the recipe ({reference_lr:g})")
+  ax.set_xscale("log")
+  finite = smoothed[np.isfinite(smoothed)]
+  if finite.size:  # raw losses past divergence would squash the curve
+    ax.set_ylim(0, 1.05 * finite.max())
+  ax.set(xlabel="learning rate", ylabel="loss (digit CE + sum CE)",
+         title="Learning-rate range test")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend()
+  return _save(fig, path)

@@ -14,7 +14,8 @@ calls `train_and_evaluate`. Everything else here is importable:
   ``torch.optim.swa_utils.update_bn`` computes them.
 
 `train_and_evaluate` reads as its phases: `saved_run` (what the workdir holds),
-`setup`, `resume`, `train_epochs` (`run_epoch` and `save_state` per epoch),
+`setup`, `resume`, `train_epochs` (`run_epoch`, `save_state` and the
+TensorBoard events of `adder.tensorboard` per epoch),
 `final_weight_sets`, `final_evaluation`, `write_checkpoint_and_plots`.
 
 Every epoch's end is saved in ``<workdir>/state/`` (`adder.checkpoint`): the
@@ -22,6 +23,11 @@ TrainState (params, batch_stats, opt_state with the SWA average, step), the
 epoch and the metrics rows. The data key is not stored: it is derived from
 ``config.seed``, which must match. Running again on the same workdir resumes
 from there.
+
+A run of several processes (`initialize_distributed`) runs all of this in
+every process, in step: the jitted calls and orbax's saves and restores are
+collective. Only process 0 prints and writes the plain files; the waits for
+another process are bounded (`DISTRIBUTED_TIMEOUTS`).
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import serialization
 from flax.training import train_state
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from adder import augment as augment_lib
@@ -54,6 +61,7 @@ from adder import devices
 from adder import metrics as metrics_lib
 from adder import model as model_lib
 from adder import optim
+from adder import tensorboard
 from adder.config import Config, add_recipe_flags, config_from_flags, run_differences
 
 
@@ -371,13 +379,43 @@ def to_host(tree: Any) -> Any:
 
 
 def is_main_process() -> bool:
-  """Only process 0 prints, and writes logs, plots and checkpoints."""
+  """Only process 0 prints and writes the plain files (metrics, results, plots).
+
+  Orbax writes the checkpoints from process 0 too, but every process calls its
+  saves and restores, which are collective.
+  """
   return jax.process_index() == 0
 
 
 def _log(*args) -> None:
   if is_main_process():
     print(*args, flush=True)
+
+
+def agree(flag: bool) -> bool:
+  """Process 0's `flag`, on every process: for a choice that decides a collective call.
+
+  A collective (an orbax save) that some processes call and others do not
+  never ends; a choice made from each process's own clock could differ.
+  """
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
+def preempted(epoch: int) -> bool:
+  """Whether a run of several processes stops after `epoch`, as one of them got SIGTERM.
+
+  There, JAX's preemption notifier takes SIGTERM over from Python (and from
+  `Terminated`), tells every process, and this answers True on all of them
+  after the same epoch. Every process calls it after every epoch; False for a
+  single process.
+  """
+  return multihost_utils.reached_preemption_sync_point(epoch)
+
+
+def wait_for_every_process(name: str) -> None:
+  """Block until every process has called this with the same `name` (collective)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"adder.train: {name}")
 
 
 class Setup(NamedTuple):
@@ -446,11 +484,15 @@ def setup(config: Config, dataset: dict[str, np.ndarray]) -> tuple[Setup, TrainS
 
 def run_epoch(
     s: Setup, state: TrainState, epoch: int, test_pairs: tuple[np.ndarray, np.ndarray]
-) -> tuple[TrainState, dict[str, Any]]:
+) -> tuple[TrainState, dict[str, Any], np.ndarray]:
   """Train one epoch (one jit call), then score the test pairs: the metrics row.
 
   ``seconds`` is the training time alone, up to the host holding the epoch's
   losses; the evaluation after it is not counted.
+
+  Returns:
+    The new state, the metrics row, and each step's training loss, float32
+    (steps_per_epoch,), on the host.
   """
   t0 = time.perf_counter()
   state, m = s.epoch_fn(state, s.train_x, s.train_y, s.data_key, epoch)
@@ -464,7 +506,7 @@ def run_epoch(
   row = {"epoch": epoch, "train_loss": float(losses.mean()),
          **{f"test_{k}": v for k, v in scores.items()},
          "lr": float(s.lr_fn(int(state.step) - 1)), "seconds": seconds}
-  return state, row
+  return state, row, losses
 
 
 def final_weight_sets(config: Config, s: Setup, state: TrainState) -> dict[str, dict]:
@@ -488,7 +530,8 @@ def final_evaluation(
 
   Returns:
     ``({name: {"test": scores, "exhaustive": scores}}, {name: (digit_pred,
-    sum_pred) on the test pairs}``.
+    sum_pred) on the test pairs}``; the exhaustive scores also hold
+    ``joint_acc_by_number``, the joint accuracy for each integer 0..9.
   """
   ex_pairs = data_lib.exhaustive_pairs(s.test_y.shape[0])
   results, test_preds = {}, {}
@@ -532,11 +575,16 @@ def write_checkpoint_and_plots(
     test_numbers: np.ndarray,
     test_preds: dict[str, tuple[np.ndarray, np.ndarray]],
 ) -> None:
-  """The orbax checkpoint of both weight sets, and the PNGs of the preferred one."""
-  from adder import plots  # pylint: disable=g-import-not-at-top
+  """The orbax checkpoint of both weight sets, and the PNGs of the preferred one.
+
+  Every process calls it: the save is collective (orbax writes the host arrays,
+  the same on every process, from process 0 alone). Process 0 draws the plots.
+  """
   checkpoint.save(os.path.join(workdir, "checkpoint"), to_host(weight_sets), config)
-  plots.write_all(workdir, history, dataset["test_images"], dataset["test_labels"],
-                  test_numbers, *test_preds[checkpoint.preferred_weights(weight_sets)])
+  if is_main_process():
+    from adder import plots  # pylint: disable=g-import-not-at-top
+    plots.write_all(workdir, history, dataset["test_images"], dataset["test_labels"],
+                    test_numbers, *test_preds[checkpoint.preferred_weights(weight_sets)])
 
 
 def _log_line(epoch: int, epochs: int, row: dict) -> str:
@@ -656,7 +704,8 @@ def train_epochs(
   ``metrics.jsonl`` is first rewritten from `history` (a resumed run's rows,
   each once); every epoch then appends its row, and saves its state
   (`save_state`) once ``config.save_every_s`` have passed since the last save,
-  and after the last epoch.
+  and after the last epoch. Process 0 also writes each epoch's row, per-step
+  losses and learning rates as TensorBoard events (`adder.tensorboard`).
 
   Raises:
     KeyboardInterrupt, Terminated: stopped by a signal. The saves under way
@@ -666,26 +715,35 @@ def train_epochs(
   if is_main_process():
     with open(metrics_path, "w") as f:
       f.writelines(json.dumps(row) + "\n" for row in history)
+  events = (tensorboard.event_log(workdir, s.lr_fn, s.steps_per_epoch, len(history))
+            if is_main_process() else None)
   history = list(history)
   epoch = len(history) + 1
   last_save = time.perf_counter()
   try:
     for epoch in range(len(history) + 1, config.epochs + 1):
-      state, row = run_epoch(s, state, epoch, test_pairs)
+      state, row, losses = run_epoch(s, state, epoch, test_pairs)
       history.append(row)
-      if (epoch == config.epochs
-          or time.perf_counter() - last_save >= config.save_every_s):
+      due = epoch == config.epochs or time.perf_counter() - last_save >= config.save_every_s
+      stop = preempted(epoch)
+      if agree(due) or stop:  # process 0's clock decides: every process must join the save
         save_state(states, epoch, state, history, config)
         last_save = time.perf_counter()
       if is_main_process():
         with open(metrics_path, "a") as f:
           f.write(json.dumps(row) + "\n")
+        events.write_epoch(row, losses)
       _log(_log_line(epoch, config.epochs, row))
+      if stop:
+        raise Terminated()
   except (KeyboardInterrupt, Terminated) as e:
     saved = checkpoint.wait_for_saves(states)
     kept = (f"epoch {saved} is saved in {states.directory}: run the same command again "
             "to resume" if saved else "no epoch was saved")
     raise type(e)(f"in epoch {epoch}/{config.epochs}; {kept}") from None
+  finally:
+    if events is not None:
+      events.close()
   return state, history
 
 
@@ -702,8 +760,9 @@ def train_and_evaluate(
   Args:
     config: the run.
     workdir: receives ``metrics.jsonl``, ``results.json``, ``checkpoint/``,
-      PNG plots, and ``state/`` (the training state after each epoch, which a
-      later call with the same config resumes from).
+      PNG plots, ``tensorboard/`` (event files, `adder.tensorboard`), and
+      ``state/`` (the training state after each epoch, which a later call with
+      the same config resumes from).
     dataset: arrays as returned by `adder.data.load_mnist`; None loads MNIST.
     write_artifacts: False skips checkpoint and plots (quick experiments).
     restart: delete the saved training state and start from scratch.
@@ -752,33 +811,68 @@ def train_and_evaluate(
   if is_main_process():
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
-    if write_artifacts:
-      write_checkpoint_and_plots(workdir, config, weight_sets, history, dataset,
-                                 test_pairs[1], test_preds)
+  if write_artifacts:
+    write_checkpoint_and_plots(workdir, config, weight_sets, history, dataset,
+                               test_pairs[1], test_preds)
+  # The processes leave together, so that none waits at exit for process 0's
+  # files (see DISTRIBUTED_TIMEOUTS).
+  wait_for_every_process("done")
   return results
 
 
 _CLUSTER_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+# How long the processes of a run wait for one another, in seconds: keyword
+# arguments of `jax.distributed.initialize` (the same names in JAX 0.10 and
+# 0.11). Whatever happens to one process, the others end within these bounds.
+DISTRIBUTED_TIMEOUTS = {
+    # Every process must have joined within this of the first: hosts started
+    # by hand or by a scheduler may lag (JAX's default).
+    "initialization_timeout": 300,
+    # A process that sends no heartbeat for this long (killed, its host lost)
+    # is declared dead, and every other process is ended with an error that
+    # says so (JAX's default: 100). Heartbeats come from a thread of their
+    # own, so a busy or compiling process still sends them.
+    "heartbeat_timeout_seconds": 60,
+    # How long a finished process waits at exit for the others; past it, all
+    # are ended with an error. This also bounds how long the others, blocked
+    # in a collective, wait for a process that left with an error (JAX's
+    # default: 300). Processes finish together: `train_and_evaluate` ends
+    # with a collective, after process 0's plots.
+    "shutdown_timeout_seconds": 60,
+}
+
+
+def _launched_processes() -> int:
+  """The process count that a cluster launcher announces; 1 when none does."""
+  return max(int(os.environ.get(v, "1") or 1) for v in _CLUSTER_ENV)
 
 
 def initialize_distributed(
     coordinator: Optional[str] = None,
     num_processes: Optional[int] = None,
     process_id: Optional[int] = None,
-) -> None:
+) -> int:
   """Join a multi-process run: with the flags, or when a cluster launcher is seen.
 
   With no flags, ``jax.distributed.initialize()`` is called only when a
   launcher says there are several processes (SLURM, Open MPI, MPICH/PMI) or
   ``JAX_COORDINATOR_ADDRESS`` is set; JAX then reads the rest from the
-  environment. A single process needs none of this.
+  environment. A single process needs none of this. Call it before JAX's
+  backend starts, and before `adder.devices.configure_cpu_devices`, which
+  needs the process count. The waits are bounded by `DISTRIBUTED_TIMEOUTS`.
+
+  Returns:
+    The number of processes in the run (1: this one alone).
   """
   if coordinator or num_processes is not None or process_id is not None:
-    jax.distributed.initialize(coordinator_address=coordinator,
-                               num_processes=num_processes, process_id=process_id)
-  elif os.environ.get("JAX_COORDINATOR_ADDRESS") or any(
-      int(os.environ.get(v, "1") or 1) > 1 for v in _CLUSTER_ENV):
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id, **DISTRIBUTED_TIMEOUTS)
+    return num_processes or _launched_processes()
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or _launched_processes() > 1:
+    jax.distributed.initialize(**DISTRIBUTED_TIMEOUTS)
+    return _launched_processes()
+  return 1
 
 
 def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Namespace]:
@@ -832,21 +926,49 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
   return config, a
 
 
+def _leave_run(status: int) -> int:
+  """`status`; in a run of several processes, end this process now with it.
+
+  At exit `jax.distributed.shutdown` waits for every other process, and after
+  a failure some never come (one has died, or they wait in a collective that
+  this process has left): the wait would end in an abort only after
+  `DISTRIBUTED_TIMEOUTS`. Leaving at once ends the others sooner: their next
+  collective fails, or the coordinator, in process 0, goes with it.
+  """
+  if jax.distributed.is_initialized():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)  # pylint: disable=protected-access
+  return status
+
+
 def main(argv: Optional[list[str]] = None) -> int:
-  """The CLI. Exit status 0, 2 (an ``error:`` line), 130 (SIGINT) or 143 (SIGTERM)."""
+  """The CLI. Exit status 0, 2 (an ``error:`` line), 130 (SIGINT) or 143 (SIGTERM).
+
+  In a run of several processes, also 1 (an ``error:`` line): the JAX runtime
+  failed, most often because another process has stopped.
+  """
   config, args = parse_args(argv)
   in_main_thread = threading.current_thread() is threading.main_thread()
   if in_main_thread:
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
   try:
-    cpu_choice = devices.configure_cpu_devices(config.batch_size)
-    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    processes = initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    cpu_choice = devices.configure_cpu_devices(config.batch_size, processes=processes)
     if jax.default_backend() == "cpu":
       _log(cpu_choice)
     train_and_evaluate(config, args.workdir, restart=args.restart)
   except (data_lib.DataError, checkpoint.CheckpointError, FloatingPointError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return _leave_run(2)
+  except jax.errors.JaxRuntimeError as e:
+    if not jax.distributed.is_initialized():
+      raise
+    # Most often a collective whose other side has gone.
+    print(f"error: {(str(e).strip() or type(e).__name__).splitlines()[0]}; in a run of "
+          "several processes this usually means that another process stopped: see its log",
+          file=sys.stderr)
+    return _leave_run(1)
   except (KeyboardInterrupt, Terminated) as e:
     name, status = ("SIGTERM", 143) if isinstance(e, Terminated) else ("SIGINT", 130)
     print(f"stopped by {name}" + (f" {e}" if str(e) else ""), file=sys.stderr)

@@ -10,8 +10,9 @@
 #   --data-dir DIR  MNIST prepared as ArrayRecord by `python -m adder.data` on a
 #                   machine with TensorFlow (read here without it). Required.
 #   --wheels DIR    wheels the host lacks (tensorflow-datasets, array_record and
-#                   their small dependencies), installed with --no-deps into
-#                   $TMPDIR/adder-site, which goes on PYTHONPATH. Optional.
+#                   their small dependencies, tensorboardX), installed with
+#                   --no-deps into $TMPDIR/adder-site, which goes on PYTHONPATH.
+#                   Optional.
 #   --out DIR       output folder (default: runs/gpu): train.log and run/ (the
 #                   workdir of adder.train), benchmark.log, BENCHMARKS.gpu.md and
 #                   bench.json (the benchmark's section and figures).
@@ -88,7 +89,8 @@ import sys
 
 missing = []
 for name in ("jax", "flax", "optax", "orbax.checkpoint", "torch", "matplotlib", "PIL",
-             "tensorflow_datasets", "array_record.python.array_record_data_source", "adder"):
+             "tensorflow_datasets", "array_record.python.array_record_data_source",
+             "tensorboardX", "adder"):
   try:
     importlib.import_module(name)
   except Exception as e:  # pylint: disable=broad-except
@@ -99,6 +101,8 @@ if missing:
 import jax
 import torch
 print(f"python {sys.version.split()[0]} at {sys.executable}; adder from {sys.modules['adder'].__path__[0]}")
+print("tensorflow_datasets " + sys.modules["tensorflow_datasets"].__version__
+      + ", tensorboardX " + sys.modules["tensorboardX"].__version__)
 print(f"JAX {jax.__version__}: backend {jax.default_backend()}, devices {jax.devices()}")
 cuda = torch.cuda.is_available()
 print(f"PyTorch {torch.__version__}: CUDA {'available, ' + torch.cuda.get_device_name(0) if cuda else 'not available'}")

@@ -78,3 +78,30 @@ def test_nothing_changes_where_a_gpu_will_train(monkeypatch):
   env = {}
   assert "GPU" in devices.configure_cpu_devices(128, env=env)
   assert env == {}
+
+
+def _recorded_updates(monkeypatch) -> dict:
+  """jax.config.update calls made by `adder.devices`, recorded instead of applied."""
+  calls = {}
+  monkeypatch.setattr(devices.jax.config, "update", calls.__setitem__)
+  monkeypatch.setattr(devices, "usable_cores", lambda: 2)
+  monkeypatch.setattr(devices, "gpu_likely", lambda: False)
+  return calls
+
+
+def test_each_of_several_processes_splits_its_share_and_uses_gloo(monkeypatch):
+  calls = _recorded_updates(monkeypatch)
+  line = devices.configure_cpu_devices(32, env={}, processes=2)
+  # 16 images per process: one device each (alone, the batch would take two).
+  assert calls == {"jax_cpu_collectives_implementation": "gloo", "jax_num_cpu_devices": 1}
+  assert "batch 16 per process" in line and "Gloo collectives across 2 processes" in line
+  assert devices.cpu_device_count(32, 2) == 2
+
+
+def test_several_processes_keep_the_users_collectives_and_devices(monkeypatch):
+  calls = _recorded_updates(monkeypatch)
+  env = {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "mpi", "JAX_NUM_CPU_DEVICES": "1"}
+  line = devices.configure_cpu_devices(32, env=env, processes=2)
+  assert calls == {} and env == {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "mpi",
+                                 "JAX_NUM_CPU_DEVICES": "1"}
+  assert "as set by the user" in line

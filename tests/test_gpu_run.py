@@ -7,6 +7,7 @@ the prepared dataset read without preparing) and print the exact commands.
 import os
 import subprocess
 import sys
+from importlib import metadata
 
 import jax
 import pytest
@@ -35,6 +36,7 @@ def test_dry_run_checks_and_prints_the_plan(prepared_mnist, tmp_path):
   assert r.returncode == 0, (r.stdout, r.stderr)
   assert f"adder from {REPO / 'adder'}" in r.stdout  # PYTHONPATH set by the script
   assert f"JAX {jax.__version__}: backend {jax.default_backend()}" in r.stdout
+  assert f"tensorboardX {metadata.version('tensorboardX')}" in r.stdout  # from the wheels there
   assert f"found MNIST as array_record: {prepared_mnist}/mnist/3.0.1" in r.stdout
   assert (f"-m adder.train --require-gpu --data-dir {prepared_mnist} --workdir {out}/run "
           f"2>&1 | tee {out}/train.log") in r.stdout

@@ -17,12 +17,19 @@ import pytest
 from adder import checkpoint
 from adder import data as data_lib
 from adder import model as model_lib
+from adder import optim
+from adder import tensorboard
 from adder import train as train_lib
 from adder.config import Config, run_differences
 from conftest import REPO
 
+# Every epoch saved: the resume tests stop after any. Fake blob patterns are
+# learnt in three short epochs only as they are, so TINY does not augment;
+# TINY_AUGMENTED (the default bounds) checks that resuming draws the same transforms.
 TINY = Config(epochs=3, batch_size=32, lr=0.05, eval_batch_size=64, swa_start_frac=0.5,
-              save_every_s=0.0)  # every epoch saved: the resume tests stop after any
+              save_every_s=0.0).without_augmentation()
+TINY_AUGMENTED = TINY.replace(augment_shift_px=Config().augment_shift_px,
+                              augment_rotate_deg=Config().augment_rotate_deg)
 
 
 def _batch(dataset, bs=16, seed=0):
@@ -185,6 +192,8 @@ def _cli(*args, env=None):
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--batch-size", "x"], "invalid int value"),
+    (["--augment-shift", "-1"], "--augment-shift must be between 0 and 14"),
+    (["--augment-rotate", "200"], "--augment-rotate must be between 0 and 180"),
 ])
 def test_cli_rejects_bad_flags(args, message):
   r = _cli(*args)
@@ -246,6 +255,14 @@ def _stop_after(monkeypatch, last_epoch, signal_exception=KeyboardInterrupt):
   monkeypatch.setattr(train_lib, "run_epoch", stopping)
 
 
+def _flat(scores):
+  """Scores with each list (``joint_acc_by_number``) spread into one entry per item."""
+  out = {}
+  for k, v in scores.items():
+    out.update({f"{k}[{i}]": x for i, x in enumerate(v)} if isinstance(v, list) else {k: v})
+  return out
+
+
 def _without_seconds(rows):
   return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
@@ -259,38 +276,94 @@ def _assert_same_run(workdir, results, reference_dir, reference_results):
   on_disk = json.load(open(os.path.join(workdir, "results.json")))
   for weights in ("final", "swa"):
     for split in ("test", "exhaustive"):
-      assert results[weights][split] == pytest.approx(reference_results[weights][split],
-                                                      rel=1e-6, abs=1e-7)
-      assert on_disk[weights][split] == pytest.approx(reference_results[weights][split],
-                                                      rel=1e-6, abs=1e-7)
+      want = pytest.approx(_flat(reference_results[weights][split]), rel=1e-6, abs=1e-7)
+      assert _flat(results[weights][split]) == want
+      assert _flat(on_disk[weights][split]) == want
   _, weights = checkpoint.load(workdir)
   _, reference_weights = checkpoint.load(reference_dir)
   chex.assert_trees_all_close(weights, reference_weights, atol=1e-6, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def short_run_augmented(fake_mnist, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run_augmented"))
+  results = train_lib.train_and_evaluate(TINY_AUGMENTED, workdir, dataset=fake_mnist)
+  return workdir, results
+
+
 # TINY: 8 steps per epoch, 24 in all; SWA averages from step 12, in epoch 2. Stopping
-# after epoch 1 resumes before any averaging; after epoch 2, with the average half made.
-@pytest.mark.parametrize("saved_epochs", [1, 2], ids=["before-swa", "during-swa"])
+# after epoch 1 resumes before any averaging; after epoch 2, with the average half made
+# (augmented, so that the resumed epoch must draw the transforms it would have drawn).
+@pytest.mark.parametrize("saved_epochs, reference", [(1, "short_run"), (2, "short_run_augmented")],
+                         ids=["before-swa", "during-swa-augmented"])
 def test_interrupted_run_resumes_to_the_uninterrupted_result(
-    short_run, fake_mnist, tmp_path, monkeypatch, capsys, saved_epochs):
+    request, fake_mnist, tmp_path, monkeypatch, capsys, saved_epochs, reference):
+  config = TINY if reference == "short_run" else TINY_AUGMENTED
   workdir = str(tmp_path / "run")
   with monkeypatch.context() as m:
     _stop_after(m, saved_epochs)
     with pytest.raises(KeyboardInterrupt,
                        match=rf"in epoch {saved_epochs + 1}/3; epoch {saved_epochs} is saved"):
-      train_lib.train_and_evaluate(TINY, workdir, dataset=fake_mnist)
+      train_lib.train_and_evaluate(config, workdir, dataset=fake_mnist)
   assert [r["epoch"] for r in _rows(workdir)] == list(range(1, saved_epochs + 1))
   assert not os.path.exists(os.path.join(workdir, "results.json"))
   capsys.readouterr()
 
-  results = train_lib.train_and_evaluate(TINY, workdir, dataset=fake_mnist)
+  results = train_lib.train_and_evaluate(config, workdir, dataset=fake_mnist)
   out = capsys.readouterr().out
   assert f"resuming after epoch {saved_epochs}/3" in out
   assert [line.split()[1] for line in out.splitlines() if line.startswith("epoch")] == [
       f"{e}/3" for e in range(saved_epochs + 1, 4)]  # only the epochs left ran
-  reference_dir, reference_results = short_run
+  reference_dir, reference_results = request.getfixturevalue(reference)
   _assert_same_run(workdir, results, reference_dir, reference_results)
   assert sorted(os.listdir(os.path.join(workdir, "state"))) == ["2", "3"]  # the last two
+
+
+def _scalars(workdir):
+  return tensorboard.read_scalars(os.path.join(workdir, tensorboard.SUBDIR))
+
+
+def test_tensorboard_events_of_a_short_run(short_run):
+  workdir, _ = short_run
+  scalars, rows = _scalars(workdir), _rows(workdir)
+  steps = 3 * 8  # TINY: 3 epochs of 8 steps
+  assert [k for k, _ in scalars["step/lr"]] == list(range(1, steps + 1))  # one per step
+  assert [k for k, _ in scalars["step/loss"]] == list(range(1, steps + 1))
+  _, lr_fn = optim.create_optimizer(TINY, 8)
+  np.testing.assert_allclose([v for _, v in scalars["step/lr"]], lr_fn(np.arange(steps)),
+                             rtol=1e-6)
+  names = [k for k in rows[0] if k != "epoch"]  # every figure of the metrics row
+  assert {"train_loss", "test_loss", "test_digit_acc", "test_sum_acc", "test_joint_acc",
+          "lr", "seconds"} <= set(names)
+  for name in names:
+    assert scalars[f"epoch/{name}"] == [(8 * r["epoch"], pytest.approx(r[name], rel=1e-6))
+                                        for r in rows], name
+  per_step = np.reshape([v for _, v in scalars["step/loss"]], (3, 8))
+  np.testing.assert_allclose(per_step.mean(1), [r["train_loss"] for r in rows], rtol=1e-5)
+
+
+def test_resumed_run_shows_each_step_once_in_tensorboard(
+    short_run, fake_mnist, tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+  save_state = train_lib.save_state
+  with monkeypatch.context() as m:
+    # Epoch 2 is trained and logged but not saved; the run stops as epoch 3 starts.
+    m.setattr(train_lib, "save_state", lambda states, epoch, *rest: None if epoch == 2
+              else save_state(states, epoch, *rest))
+    _stop_after(m, 2)
+    with pytest.raises(KeyboardInterrupt, match="epoch 1 is saved"):
+      train_lib.train_and_evaluate(TINY, workdir, dataset=fake_mnist, write_artifacts=False)
+  assert [k for k, _ in _scalars(workdir)["step/loss"]] == list(range(1, 17))
+  train_lib.train_and_evaluate(TINY, workdir, dataset=fake_mnist, write_artifacts=False)
+  # Two files; the second purges from step 9 (after epoch 1) and rewrites epochs 2-3.
+  assert len(os.listdir(os.path.join(workdir, tensorboard.SUBDIR))) == 2
+  got, want = _scalars(workdir), _scalars(short_run[0])
+  assert set(got) == set(want)
+  for tag in want:
+    assert [k for k, _ in got[tag]] == [k for k, _ in want[tag]], tag  # each step once
+    if tag != "epoch/seconds":
+      np.testing.assert_allclose([v for _, v in got[tag]], [v for _, v in want[tag]],
+                                 rtol=1e-5, atol=1e-6, err_msg=tag)
 
 
 def test_saves_wait_for_the_interval_but_the_last_epoch_is_always_saved(
