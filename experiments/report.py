@@ -1,12 +1,17 @@
 """Markdown tables of a training run, for README.md, from its workdir.
 
-Command (what produced the "Results" and "Training logs" tables in README.md):
+Commands (what produced the "Results" and "Training logs" tables in README.md):
 
-  python experiments/report.py runs/default
+  python experiments/report.py pretrained
+  python experiments/report.py runs/seeds/0 runs/seeds/1 runs/seeds/2
 
-Prints the results table (final and SWA weights on the fixed test pairs and
-the exhaustive set) and the per-epoch log, read from ``results.json`` and
-``metrics.jsonl``; nothing is computed here.
+With one workdir: the results table (final and SWA weights on the fixed test
+pairs and the exhaustive set), the exhaustive set's joint accuracy for each
+integer with the share of right sums among right digits, and the per-epoch
+log. With several (runs of one recipe with different seeds): each run's joint
+accuracies and their mean and standard deviation. Everything is read from
+``results.json`` and ``metrics.jsonl``; only the mean and deviation are
+computed here.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 
@@ -39,6 +45,38 @@ def results_table(results: dict) -> str:
   return "\n".join(rows)
 
 
+def by_number_table(results: dict) -> str:
+  """Exhaustive-set joint accuracy per integer 0..9, and sum right given digit right."""
+  rows = ["| weights | " + " | ".join(f"+{k}" for k in range(10)) + " | sum right, digit right |",
+          "|---|" + "---:|" * 11]
+  for weights in ("final", "swa"):
+    m = results.get(weights, {}).get("exhaustive", {})
+    if "joint_acc_by_number" not in m:
+      continue
+    rows.append(f"| {weights} | " + " | ".join(f"{a:.2%}" for a in m["joint_acc_by_number"])
+                + f" | {m['sum_given_digit']:.3%} |")
+  return "\n".join(rows) if len(rows) > 2 else ""
+
+
+SEED_COLUMNS = (("final", "test"), ("final", "exhaustive"), ("swa", "test"), ("swa", "exhaustive"))
+
+
+def seeds_table(runs: list[dict]) -> str:
+  """One row per run (its seed) of joint accuracies, then mean ± sample standard deviation."""
+  rows = ["| seed | final test joint | final exhaustive joint | SWA test joint | "
+          "SWA exhaustive joint |", "|---:|---:|---:|---:|---:|"]
+  columns = [[r[w][s]["joint_acc"] if w in r else float("nan") for w, s in SEED_COLUMNS]
+             for r in runs]
+  for r, values in zip(runs, columns):
+    rows.append(f"| {r['config']['seed']} | " + " | ".join(f"{v:.2%}" for v in values) + " |")
+  cells = []
+  for values in zip(*columns):
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    cells.append(f"**{statistics.mean(values):.2%} ± {std:.2%}**")
+  rows.append("| mean ± std | " + " | ".join(cells) + " |")
+  return "\n".join(rows)
+
+
 def log_table(rows: list[dict]) -> str:
   out = ["| epoch | train loss | test digit | test sum | test joint | lr | seconds |",
          "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -50,20 +88,29 @@ def log_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description="Markdown tables of a training run.")
-  p.add_argument("workdir")
+  p = argparse.ArgumentParser(description="Markdown tables of training runs.")
+  p.add_argument("workdirs", nargs="+", metavar="WORKDIR")
   a = p.parse_args(argv)
-  try:
-    with open(os.path.join(a.workdir, "results.json")) as f:
-      results = json.load(f)
-    with open(os.path.join(a.workdir, "metrics.jsonl")) as f:
-      rows = [json.loads(line) for line in f if line.strip()]
-  except (OSError, json.JSONDecodeError) as e:
-    print(f"error: cannot read the run in {a.workdir}: {e}", file=sys.stderr)
-    return 2
-  print(results_table(results))
+  runs, logs = [], []
+  for workdir in a.workdirs:
+    try:
+      with open(os.path.join(workdir, "results.json")) as f:
+        runs.append(json.load(f))
+      with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        logs.append([json.loads(line) for line in f if line.strip()])
+    except (OSError, json.JSONDecodeError) as e:
+      print(f"error: cannot read the run in {workdir}: {e}", file=sys.stderr)
+      return 2
+  if len(runs) > 1:
+    print(seeds_table(runs))
+    return 0
+  print(results_table(runs[0]))
+  by_number = by_number_table(runs[0])
+  if by_number:
+    print()
+    print(by_number)
   print()
-  print(log_table(rows))
+  print(log_table(logs[0]))
   return 0
 
 

@@ -1,18 +1,31 @@
-"""Short runs over batch size and peak learning rate, to choose the defaults.
+"""Full runs of the recipe with some `Config` fields changed, to choose the defaults.
 
-Command (what produced the table in README.md):
+Commands (what produced the tables in README.md):
 
-  python experiments/sweep.py --epochs 3 --mnist-dir ../shared/mnist \\
+  # the augmentation, peak learning rate and weight decay of the default recipe
+  python experiments/sweep.py --epochs 20 --mnist-dir ../shared/mnist \\
+      --out runs/sweep-augment.md --workdirs runs/sweep-augment --grid \\
+      augment_shift_px=0,augment_rotate_deg=0 \\
+      augment_shift_px=1,augment_rotate_deg=5 \\
+      augment_shift_px=2,augment_rotate_deg=10 \\
+      augment_shift_px=3,augment_rotate_deg=15 ...
+
+  # the peak learning rate (3-epoch runs without SWA, before augmentation)
+  python experiments/sweep.py --epochs 3 --no-swa --mnist-dir ../shared/mnist \\
       --grid 128:0.05 128:0.1 128:0.2 256:0.2 --out runs/sweep.md
 
-Each run is a full one-cycle schedule over ``--epochs`` epochs with SWA off (the
-averaging window of a short run says little); the table reports the test-set
-accuracies of the final weights and the training throughput.
+Each grid item is one run: ``FIELD=VALUE[,FIELD=VALUE...]`` overrides of the
+default `Config` (``BATCH:LR`` is short for ``batch_size=BATCH,lr=LR``). The
+table gives each run's accuracies on the fixed test pairs and the exhaustive
+set, for the final weights and, with SWA, the averaged ones. With
+``--workdirs``, each run keeps its workdir (checkpoint, results, metrics,
+plots) in a subfolder named after its grid item.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -20,40 +33,81 @@ import tempfile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from adder import data as data_lib  # pylint: disable=g-import-not-at-top
+from adder import devices
 from adder import train as train_lib
 from adder.config import Config
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def parse_item(item: str, base: Config) -> Config:
+  """``FIELD=VALUE,...`` (or ``BATCH:LR``) -> `base` with those fields replaced.
+
+  Raises:
+    ValueError: an unknown field or a value of the wrong type.
+  """
+  if "=" not in item and ":" in item:
+    batch, lr = item.split(":")
+    item = f"batch_size={batch},lr={lr}"
+  changes = {}
+  for pair in item.split(","):
+    name, _, value = pair.partition("=")
+    if name not in _FIELDS or not value:
+      raise ValueError(f"{pair!r} is not FIELD=VALUE with a field of Config")
+    kind = type(getattr(base, name))
+    changes[name] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+  return base.replace(**changes)
+
+
+def table_row(item: str, results: dict) -> str:
+  """One markdown row: the item, then joint accuracies (test, exhaustive) per weight set."""
+  cells = [item]
+  for name in ("final", "swa"):
+    r = results.get(name)
+    cells += ([f"{r['test']['joint_acc']:.4f}", f"{r['exhaustive']['joint_acc']:.4f}"]
+              if r else ["", ""])
+  c = results["config"]
+  img_s = c["epochs"] * (60000 // c["batch_size"]) * c["batch_size"] / results["train_seconds"]
+  return "| " + " | ".join(cells) + f" | {img_s:.0f} |"
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--epochs", type=int, default=3)
-  p.add_argument("--grid", nargs="+", default=["128:0.05", "128:0.1", "128:0.2", "256:0.2"],
-                 help="BATCH:LR pairs")
+  p.add_argument("--epochs", type=int, default=20)
+  p.add_argument("--grid", nargs="+", required=True,
+                 help="runs, each FIELD=VALUE[,FIELD=VALUE...] or BATCH:LR")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--no-swa", action="store_true", help="every run without SWA")
   p.add_argument("--mnist-dir", default=None)
   p.add_argument("--data-dir", default=None)
+  p.add_argument("--workdirs", default=None,
+                 help="keep each run's workdir (with its checkpoint) under this folder")
   p.add_argument("--out", default=None, help="also write the table to this file")
   a = p.parse_args(argv)
+  base = Config(epochs=a.epochs, seed=a.seed, swa=not a.no_swa)
   try:
+    configs = [parse_item(item, base) for item in a.grid]
+    # The CPU devices of `python -m adder.train`, chosen for the first run's batch.
+    print(devices.configure_cpu_devices(configs[0].batch_size), flush=True)
     dataset = data_lib.load_mnist(a.mnist_dir, a.data_dir)
-  except data_lib.DataError as e:
+  except (ValueError, data_lib.DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  rows = ["| batch | peak lr | test digit | test sum | test joint | exhaustive joint | img/s |",
-          "|---:|---:|---:|---:|---:|---:|---:|"]
-  for item in a.grid:
-    bs, lr = item.split(":")
-    config = Config(epochs=a.epochs, batch_size=int(bs), lr=float(lr), seed=a.seed, swa=False)
-    with tempfile.TemporaryDirectory() as workdir:
-      r = train_lib.train_and_evaluate(config, workdir, dataset=dataset, write_artifacts=False)
-    t, ex = r["final"]["test"], r["final"]["exhaustive"]
-    img_s = a.epochs * (60000 // config.batch_size) * config.batch_size / r["train_seconds"]
-    rows.append(f"| {bs} | {lr} | {t['digit_acc']:.4f} | {t['sum_acc']:.4f} | "
-                f"{t['joint_acc']:.4f} | {ex['joint_acc']:.4f} | {img_s:.0f} |")
+  rows = [f"epochs={a.epochs} seed={a.seed}, each row the default Config with these fields:",
+          "",
+          "| run | final test joint | final exhaustive joint | SWA test joint | "
+          "SWA exhaustive joint | img/s |",
+          "|---|---:|---:|---:|---:|---:|"]
+  for item, config in zip(a.grid, configs):
+    with tempfile.TemporaryDirectory() as tmp:
+      workdir = os.path.join(a.workdirs, item.replace(",", "_")) if a.workdirs else tmp
+      results = train_lib.train_and_evaluate(config, workdir, dataset=dataset,
+                                             write_artifacts=bool(a.workdirs))
+    rows.append(table_row(item, results))
     print("\n".join(rows), flush=True)
     if a.out:  # after every row: a long sweep stopped early keeps what it measured
       with open(a.out, "w") as f:
-        f.write(f"epochs={a.epochs} seed={a.seed}\n\n" + "\n".join(rows) + "\n")
+        f.write("\n".join(rows) + "\n")
   return 0
 
 

@@ -1,0 +1,70 @@
+"""experiments/report.py and experiments/sweep.py: tables from workdirs, grid items to configs."""
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from adder.config import Config
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "experiments"))
+import sweep  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def _scores(joint):
+  return {"digit_acc": joint, "sum_acc": joint, "joint_acc": joint, "consistency": 1.0,
+          "sum_given_digit": 0.999, "joint_acc_by_number": [joint] * 10}
+
+
+def _workdir(path, seed, joints):
+  path.mkdir()
+  results = {"config": Config(seed=seed).to_dict(), "params": 17393, "backend": "cpu",
+             "device_kind": "cpu", "devices": 2, "train_seconds": 1.0,
+             "versions": {"jax": "x", "flax": "y", "optax": "z"},
+             "final": {"test": _scores(joints[0]), "exhaustive": _scores(joints[1])},
+             "swa": {"test": _scores(joints[2]), "exhaustive": _scores(joints[3])}}
+  (path / "results.json").write_text(json.dumps(results))
+  (path / "metrics.jsonl").write_text(json.dumps(
+      {"epoch": 1, "train_loss": 0.1, "test_digit_acc": 0.9, "test_sum_acc": 0.9,
+       "test_joint_acc": 0.9, "lr": 0.1, "seconds": 1.0}) + "\n")
+  return str(path)
+
+
+def _report(*workdirs):
+  return subprocess.run([sys.executable, str(REPO / "experiments" / "report.py"), *workdirs],
+                        capture_output=True, text=True, timeout=60)
+
+
+def test_seeds_table_has_each_run_and_mean_and_sample_std(tmp_path):
+  runs = [_workdir(tmp_path / str(s), s, [0.99 + s / 1000] * 4) for s in range(3)]
+  r = _report(*runs)
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.splitlines()
+  assert [l.split("|")[1].strip() for l in lines[2:5]] == ["0", "1", "2"]
+  mean, std = statistics.mean([0.99, 0.991, 0.992]), statistics.stdev([0.99, 0.991, 0.992])
+  assert f"**{mean:.2%} ± {std:.2%}**" in lines[5]
+
+
+def test_one_run_has_the_by_integer_table(tmp_path):
+  r = _report(_workdir(tmp_path / "a", 0, [0.99] * 4))
+  assert r.returncode == 0, r.stderr
+  assert "| +0 | +1 |" in r.stdout and "| swa | 99.00% |" in r.stdout
+  assert "99.900%" in r.stdout
+
+
+def test_report_of_a_missing_run_is_one_error_line(tmp_path):
+  r = _report(str(tmp_path / "nothing"))
+  assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+
+
+def test_sweep_grid_items():
+  base = Config(epochs=20)
+  assert sweep.parse_item("128:0.1", base) == base.replace(batch_size=128, lr=0.1)
+  c = sweep.parse_item("augment_shift_px=3,augment_rotate_deg=15,swa=false", base)
+  assert (c.augment_shift_px, c.augment_rotate_deg, c.swa) == (3.0, 15.0, False)
+  for bad in ("nonsense=1", "lr", "lr="):
+    with pytest.raises(ValueError):
+      sweep.parse_item(bad, base)
