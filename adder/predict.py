@@ -1,8 +1,9 @@
 """Prediction from a checkpoint: image preparation, a batch API, and the CLI.
 
-``python -m adder.predict CHECKPOINT IMAGE NUMBER [--json] [--weights {swa,final}]``
+``python -m adder.predict [CHECKPOINT] IMAGE NUMBER [--json] [--weights {swa,final}]``
 prints the digit in IMAGE and the sum digit + NUMBER, each with its softmax
-probability. CHECKPOINT is a training workdir or the checkpoint inside it.
+probability. CHECKPOINT is a training workdir or the checkpoint inside it;
+without it, the repository's pretrained run (`PRETRAINED`) is used.
 Bad input (NUMBER not an integer 0-9, a missing or unreadable image, a
 missing, corrupt or incompatible checkpoint) ends with one line on stderr
 starting with ``error:`` and exit status 2.
@@ -53,6 +54,11 @@ from PIL import Image, ImageOps
 from adder import checkpoint as checkpoint_lib
 from adder import model as model_lib
 from adder.config import Config
+
+# The checkpoint of the documented default run, committed with its results.json
+# and metrics.jsonl: what the CLI uses when it is given no CHECKPOINT.
+PRETRAINED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "pretrained")
 
 MNIST_SIZE = 28  # side of the canvas
 MNIST_BOX = 20  # longer side of the digit inside it
@@ -256,16 +262,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                   "adder checkpoint. The image is converted to MNIST's form first "
                   "(greyscale, white on black, digit fitted into 20x20 and centred by "
                   "mass in 28x28; dark-on-light images are inverted).")
-  p.add_argument("checkpoint", metavar="CHECKPOINT",
-                 help="a training workdir (its checkpoint/ is used) or the checkpoint itself")
-  p.add_argument("image", metavar="IMAGE",
-                 help="PNG or JPEG of one digit, any size, grey or colour")
-  p.add_argument("number", metavar="NUMBER", help="the integer to add, 0-9")
+  p.usage = "%(prog)s [-h] [--json] [--weights {swa,final}] [CHECKPOINT] IMAGE NUMBER"
+  p.add_argument("inputs", nargs="+", metavar="[CHECKPOINT] IMAGE NUMBER",
+                 help="CHECKPOINT: a training workdir (its checkpoint/ is used) or the "
+                      f"checkpoint itself; without it, the pretrained run in {PRETRAINED}. "
+                      "IMAGE: PNG or JPEG of one digit, any size, grey or colour. "
+                      "NUMBER: the integer to add, 0-9")
   p.add_argument("--json", action="store_true",
                  help="print one JSON object with keys digit, sum, digit_prob, sum_prob")
   p.add_argument("--weights", choices=checkpoint_lib.WEIGHT_SETS, default=None,
                  help="weight set to use (default: swa when the checkpoint has it, else final)")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  if len(args.inputs) not in (2, 3):
+    p.error(f"expected [CHECKPOINT] IMAGE NUMBER, got {len(args.inputs)} arguments")
+  args.checkpoint = args.inputs[0] if len(args.inputs) == 3 else PRETRAINED
+  args.image, args.number = args.inputs[-2:]
+  return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

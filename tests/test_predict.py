@@ -303,6 +303,8 @@ BAD_INPUTS = {
     "missing checkpoint": (lambda p: (p["tmp"] / "nowhere", p["image"], "3"), "not found"),
     "corrupt checkpoint": (lambda p: (p["garbled"], p["image"], "3"), "corrupt"),
     "incompatible checkpoint": (lambda p: (p["narrow"], p["image"], "3"), "incompatible"),
+    "four arguments": (lambda p: (p["ckpt"], p["image"], "3", "4"), "[CHECKPOINT] IMAGE NUMBER"),
+    "one argument": (lambda p: (p["image"],), "[CHECKPOINT] IMAGE NUMBER"),
 }
 
 
