@@ -1,9 +1,9 @@
 """The figures of a finished training run, redrawn from its workdir.
 
 Command (from the repository root; what produced docs/figures/ and the
-figures in README.md, from the documented CPU run):
+figures in README.md, from the pretrained run):
 
-  python experiments/figures.py runs/default --out docs/figures --data-dir .data/tfds
+  python experiments/figures.py pretrained --out docs/figures --data-dir .data/tfds
 
 Reads ``metrics.jsonl`` (the curves) and ``checkpoint/`` (the preferred
 weights, as `adder.predict` picks them), predicts the fixed test pairs

@@ -2,17 +2,20 @@
 
 Commands (what produced the tables in README.md):
 
-  # the augmentation, peak learning rate and weight decay of the default recipe
-  python experiments/sweep.py --epochs 20 --mnist-dir ../shared/mnist \\
-      --out runs/sweep-augment.md --workdirs runs/sweep-augment --grid \\
-      augment_shift_px=0,augment_rotate_deg=0 \\
-      augment_shift_px=1,augment_rotate_deg=5 \\
-      augment_shift_px=2,augment_rotate_deg=10 \\
-      augment_shift_px=3,augment_rotate_deg=15 ...
+  # augmentation strength
+  python experiments/sweep.py --epochs 20 --data-dir .data/tfds \
+      --out runs/sweep-augment.md --workdirs runs/sweep-augment --grid \
+      augment_shift_px=2,augment_rotate_deg=10 augment_shift_px=0,augment_rotate_deg=0 \
+      augment_shift_px=1,augment_rotate_deg=5
+
+  # peak learning rate, weight decay and batch size, around the chosen augmentation
+  python experiments/sweep.py --epochs 20 --data-dir .data/tfds \
+      --out runs/sweep-recipe.md --workdirs runs/sweep-recipe \
+      --grid weight_decay=1e-4 lr=0.4 lr=0.1 batch_size=64
 
   # the peak learning rate (3-epoch runs without SWA, before augmentation)
-  python experiments/sweep.py --epochs 3 --no-swa --mnist-dir ../shared/mnist \\
-      --grid 128:0.05 128:0.1 128:0.2 256:0.2 --out runs/sweep.md
+  python experiments/sweep.py --epochs 3 --no-swa --mnist-dir ../shared/mnist \
+      --grid 128:0.05 128:0.1 128:0.2 --out runs/sweep.md
 
 Each grid item is one run: ``FIELD=VALUE[,FIELD=VALUE...]`` overrides of the
 default `Config` (``BATCH:LR`` is short for ``batch_size=BATCH,lr=LR``). The
