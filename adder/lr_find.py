@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from adder import augment as augment_lib
 from adder import data as data_lib
@@ -208,8 +208,8 @@ def run_range_test(
 ) -> np.ndarray:
   """Train a fresh model of `config` for `steps` updates at the learning rates of `lr_fn`.
 
-  Placed as `adder.train.setup` places training: the images on every device,
-  each batch split along the mesh's ``data`` axis.
+  Placed by `adder.train.setup`, as training is: the images on every device,
+  each batch split along the mesh's ``data`` axis; the same initial weights.
 
   Returns:
     float32 (steps,), the training loss of each step (before its update).
@@ -217,22 +217,14 @@ def run_range_test(
   Raises:
     ValueError: the batch does not divide over the devices, or exceeds the images.
   """
-  mesh = devices.create_mesh()
-  train_lib.check_batch_size(config.batch_size, mesh.size)
-  replicated = NamedSharding(mesh, P())
-  train_x, train_y = train_lib.replicate(
-      (dataset["train_images"], dataset["train_labels"]), replicated)
-  train_lib.check_batch_fits(config.batch_size, train_x.shape[0])
-  init_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))  # as `setup`
-  state, _ = train_lib.create_train_state(
-      config, init_key, train_x.shape[0] // config.batch_size)
+  s, state = train_lib.setup(config, dataset)
   tx = create_finder_optimizer(config, lr_fn)
-  state = train_lib.replicate(state.replace(tx=tx, opt_state=tx.init(state.params)), replicated)
+  state = state.replace(tx=tx, opt_state=tx.init(state.params))
   run = jax.jit(functools.partial(
       range_test_steps, batch_size=config.batch_size, steps=steps,
-      augment=train_lib.create_augment(config),
-      batch_sharding=NamedSharding(mesh, P("data"))), donate_argnums=0)
-  _, metrics = run(state, train_x, train_y, data_key)
+      augment=train_lib.create_augment(config), batch_sharding=s.batch_sharding),
+      donate_argnums=0)
+  _, metrics = run(state, s.train_x, s.train_y, s.data_key)
   return np.asarray(train_lib.to_host(metrics["loss"]), np.float32)
 
 
