@@ -558,7 +558,7 @@ def run_info(config: Config, n_params: int) -> dict[str, Any]:
       "processes": jax.process_count(),
       "local_devices": jax.local_device_count(),
       "device_kind": jax.devices()[0].device_kind,
-      "cpu_devices": getattr(jax.config, "jax_num_cpu_devices", None),
+      "cpu_devices": len(jax.local_devices(backend="cpu")),  # this process's
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "config": config.to_dict(),
       "versions": {"jax": jax.__version__, "flax": flax.__version__,

@@ -1,4 +1,4 @@
-"""CPU device choice: one host device per core, never overriding the user's settings."""
+"""CPU device choice: JAX's one device, never overriding the user's settings."""
 
 import json
 import os
@@ -9,15 +9,6 @@ import pytest
 
 from adder import devices
 from conftest import REPO
-
-
-@pytest.mark.parametrize("batch,cores,expected", [
-    (128, 2, 2), (128, 1, 1), (128, 3, 2), (128, 16, 8), (15, 2, 1), (32, 16, 2), (8, 4, 1),
-])
-def test_cpu_device_count_divides_the_batch_and_keeps_16_images_each(batch, cores, expected):
-  n = devices.cpu_device_count(batch, cores)
-  assert n == expected
-  assert batch % n == 0 and n <= cores
 
 
 @pytest.mark.parametrize("env,says", [
@@ -53,24 +44,23 @@ def _probe(extra_env):
   return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def test_one_device_per_core_by_default():
+def test_one_device_and_no_flags_by_default():
   out = _probe({})
-  expected = devices.cpu_device_count(128, out["cores"])
-  assert out["devices"] == expected
-  assert f"{expected} device(s)" in out["line"]
-  if expected > 1:  # each device single-threaded on its own core
-    assert "--xla_cpu_multi_thread_eigen=false" in out["xla_flags"]
+  assert out["devices"] == 1
+  assert f"1 device (JAX's default) over {out['cores']} core(s), batch 128" in out["line"]
+  assert out["xla_flags"] == ""
 
 
 def test_other_xla_flags_are_kept():
   out = _probe({"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"})
-  assert out["xla_flags"].startswith("--xla_cpu_enable_fast_math=false")
+  assert out["xla_flags"] == "--xla_cpu_enable_fast_math=false"
 
 
 def test_a_user_device_count_wins():
   out = _probe({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"})
   assert out["devices"] == 3 and "as set by the user" in out["line"]
-  assert "multi_thread_eigen" not in out["xla_flags"]
+  out = _probe({"JAX_NUM_CPU_DEVICES": "2"})
+  assert out["devices"] == 2 and "as set by the user (JAX_NUM_CPU_DEVICES)" in out["line"]
 
 
 def test_nothing_changes_where_a_gpu_will_train(monkeypatch):
@@ -89,13 +79,12 @@ def _recorded_updates(monkeypatch) -> dict:
   return calls
 
 
-def test_each_of_several_processes_splits_its_share_and_uses_gloo(monkeypatch):
+def test_each_of_several_processes_trains_its_share_and_uses_gloo(monkeypatch):
   calls = _recorded_updates(monkeypatch)
   line = devices.configure_cpu_devices(32, env={}, processes=2)
-  # 16 images per process: one device each (alone, the batch would take two).
-  assert calls == {"jax_cpu_collectives_implementation": "gloo", "jax_num_cpu_devices": 1}
-  assert "batch 16 per process" in line and "Gloo collectives across 2 processes" in line
-  assert devices.cpu_device_count(32, 2) == 2
+  assert calls == {"jax_cpu_collectives_implementation": "gloo"}
+  assert "1 device (JAX's default) over 2 core(s), batch 16 per process" in line
+  assert "Gloo collectives across 2 processes" in line
 
 
 def test_several_processes_keep_the_users_collectives_and_devices(monkeypatch):

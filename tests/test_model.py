@@ -93,6 +93,7 @@ def _stock_conv(x, kernel):
 @pytest.mark.parametrize("n,h,w,ci,co,k", [
     (4, 28, 28, 1, 16, 3),   # the first layer
     (3, 12, 12, 16, 16, 3),  # a middle layer
+    (40, 12, 12, 16, 16, 3),  # kernel gradient in chunks of 16, 16 and 8 images
     (2, 4, 4, 16, 20, 3),    # the last: a 2x2 output
     (2, 9, 7, 3, 5, 2),      # odd, non-square, another kernel size
 ])
@@ -108,6 +109,18 @@ def test_conv_valid_values_and_both_gradients_equal_lax_conv(n, h, w, ci, co, k)
   for got, want in zip(vjp(g), ref_vjp(g)):
     chex.assert_shape(got, want.shape)
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n,chunks", [(16, 1), (17, 2), (128, 8), (1000, 16)])
+def test_kernel_gradient_in_chunks_equals_the_whole(n, chunks):
+  x = jax.random.normal(jax.random.PRNGKey(n), (n, 6, 6, 2))
+  g = jax.random.normal(jax.random.PRNGKey(n + 1), (n, 4, 4, 3))
+  lowered = jax.jit(model_lib._kernel_grad_chunked).lower(x, g).as_text()
+  assert lowered.count("stablehlo.convolution") == chunks
+  whole = model_lib._kernel_grad(x, g)
+  # Sums of 16 n products, added in another order: float32 rounding of the largest.
+  np.testing.assert_allclose(model_lib._kernel_grad_chunked(x, g), whole, rtol=0,
+                             atol=1e-5 * float(jnp.abs(whole).max()))
 
 
 def test_conv_valid_gradients_inside_a_scan_equal_lax_conv():
