@@ -21,8 +21,9 @@ Each of (a), (b), (c) runs in its own subprocess (this script with a hidden
 no framework's threads compete with another's. If both JAX and PyTorch see a
 GPU, JAX runs on it and PyTorch on ``cuda`` ("GPU" section); otherwise both run
 on the CPU ("CPU" section, JAX forced there with ``JAX_PLATFORMS=cpu``), each
-with its best CPU settings: JAX with one host device per core, PyTorch with one
-intra-op thread per core (``torch.set_num_threads``).
+with its best CPU settings: JAX as `adder.devices.configure_cpu_devices` leaves
+it (one device, XLA's threads; measured faster than one device per core),
+PyTorch with one intra-op thread per core (``torch.set_num_threads``).
 
 ``--quick`` (for the tests, under a minute) runs on small fake data shaped like
 `adder.data.load_mnist`'s output unless ``--mnist-dir`` is given, with 1 epoch,

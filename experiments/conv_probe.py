@@ -2,11 +2,20 @@
 
 Commands (from the repository root):
 
-  python experiments/conv_probe.py OUT.json             # docs/gpu-run-h200/conv_probe.json, NVIDIA H200
-  python experiments/conv_probe.py OUT.json --augment   # README's cost of augmentation, CPU
+  python experiments/conv_probe.py OUT.json                  # docs/gpu-run-h200/conv_probe.json, NVIDIA H200
+  python experiments/conv_probe.py OUT.json --augment        # README's cost of augmentation, CPU
+  python experiments/conv_probe.py OUT.json --cpu-forms      # README's CPU convolution forms
+  python experiments/conv_probe.py OUT.json --cpu-devices 1,2  # README's CPU device counts
 
 With ``--augment`` it times the default recipe (augmented) against the same
-recipe without augmentation, then augmented again, instead.
+recipe without augmentation, then augmented again, instead. With
+``--cpu-forms`` it times the model as it is, then with the kernel gradient as
+one convolution instead of chunks of the batch, then with the first layer as
+XLA's convolution instead of one matrix product, then as it is again. With
+``--cpu-devices`` it runs one subprocess per CPU device count
+(``JAX_NUM_CPU_DEVICES``; more than one runs each single-threaded,
+``--xla_cpu_multi_thread_eigen=false``), in turn, twice. All but ``--augment`` time the
+recipe without augmentation, as the benchmark does.
 
 `adder.model.conv_valid` states both convolution gradients as plain forward
 convolutions (a `jax.custom_vjp`), for XLA:CPU's sake. This times a steady
@@ -18,8 +27,10 @@ reported apart.
 
 import json
 import os
+import subprocess
 import sys
 import time
+from typing import Optional
 
 import jax
 import numpy as np
@@ -53,14 +64,66 @@ def time_epochs(dataset, epochs: int = 5, config: Config = Config().without_augm
           "median_epoch_s": round(float(np.median(times)), 4)}
 
 
-def main(out_path: str, augment: bool = False) -> None:
+def _swapped(name: str, replacement):
+  """Run `time_epochs` with ``adder.model.<name>`` replaced (looked up at trace time)."""
+  def run(dataset):
+    original = getattr(model_lib, name)
+    setattr(model_lib, name, replacement)
+    try:
+      return time_epochs(dataset, 3)
+    finally:
+      setattr(model_lib, name, original)
+  return run
+
+
+CPU_FORMS = (
+    ("as_is", lambda dataset: time_epochs(dataset, 3)),
+    ("kernel_grad_whole", _swapped("_kernel_grad_chunked", model_lib._kernel_grad)),
+    ("first_layer_xla_conv", _swapped("_conv_windows", model_lib._conv)),
+    ("as_is_again", lambda dataset: time_epochs(dataset, 3)),
+)
+
+
+def cpu_devices(counts: list[int], out_path: str) -> dict:
+  """One subprocess per device count, in turn, twice; each times the model as it is."""
+  out = {}
+  for round_ in (1, 2):
+    for n in counts:
+      env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+      env["JAX_NUM_CPU_DEVICES"] = str(n)
+      if n > 1:  # each device single-threaded on its own core, as adder once chose
+        env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
+      child = f"{out_path}.{n}dev.{round_}.json"
+      subprocess.run([sys.executable, os.path.abspath(__file__), child, "--as-is"], env=env,
+                     check=True)
+      with open(child) as f:
+        out[f"{n}_devices_round_{round_}"] = json.load(f)["as_is"]
+      os.remove(child)
+      print(n, "device(s):", out[f"{n}_devices_round_{round_}"], flush=True)
+  return out
+
+
+def main(out_path: str, augment: bool = False, forms: bool = False,
+         devices_: Optional[list[int]] = None, as_is: bool = False) -> None:
+  if devices_:
+    with open(out_path, "w") as f:
+      json.dump({"jax": jax.__version__, **cpu_devices(devices_, out_path)}, f, indent=1)
+    return
+  out = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+         "cpu_devices": len(jax.local_devices(backend="cpu"))}
   rng = np.random.default_rng(0)
   dataset = {"train_images": rng.integers(0, 256, (60000, 28, 28), dtype=np.uint8),
              "train_labels": rng.integers(0, 10, 60000).astype(np.int32),
              "test_images": rng.integers(0, 256, (10000, 28, 28), dtype=np.uint8),
              "test_labels": rng.integers(0, 10, 10000).astype(np.int32)}
   custom = model_lib.conv_valid
-  out = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+  if forms or as_is:
+    for name, run in CPU_FORMS[:1] if as_is else CPU_FORMS:
+      out[name] = run(dataset)
+      print(name, out[name], flush=True)
+    with open(out_path, "w") as f:
+      json.dump(out, f, indent=1)
+    return
   if augment:
     for name, config in (("augmented", Config()), ("plain", Config().without_augmentation()),
                          ("augmented_again", Config())):
@@ -79,5 +142,10 @@ def main(out_path: str, augment: bool = False) -> None:
 
 
 if __name__ == "__main__":
-  print(devices.configure_cpu_devices(Config().batch_size), flush=True)  # as adder.train
-  main(sys.argv[1], augment="--augment" in sys.argv[2:])
+  args = sys.argv[2:]
+  counts = ([int(n) for n in args[args.index("--cpu-devices") + 1].split(",")]
+            if "--cpu-devices" in args else None)
+  if counts is None:  # the parent of --cpu-devices starts no backend of its own
+    print(devices.configure_cpu_devices(Config().batch_size), flush=True)  # as adder.train
+  main(sys.argv[1], augment="--augment" in args, forms="--cpu-forms" in args,
+       devices_=counts, as_is="--as-is" in args)
