@@ -75,6 +75,35 @@ def test_max_pool_2x2_equals_flax_max_pool():
       model_lib.max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
 
 
+def _autodiff_max_pool(x):
+  n, h, w, c = x.shape
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def test_max_pool_2x2_gradient_without_ties_is_autodiffs():
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 8, 6, 5))  # no two entries equal
+  g = jax.random.normal(jax.random.PRNGKey(2), (3, 4, 3, 5))
+  got = jax.vjp(model_lib.max_pool_2x2, x)[1](g)[0]
+  chex.assert_trees_all_equal(got, jax.vjp(_autodiff_max_pool, x)[1](g)[0])
+  # Exactly one entry per window gets its gradient, the rest zero.
+  assert int(jnp.sum(got != 0)) == g.size
+
+
+def test_max_pool_2x2_gradient_goes_to_the_first_maximum_as_in_pytorch():
+  # Windows (rows of 2x2): one maximum, a tie in the second row, a tie in the
+  # first column, all equal. torch.nn.MaxPool2d gives each window's gradient
+  # whole to its first maximum in row-major order.
+  windows = np.array([[[1, 3], [3, 2]], [[0, 1], [4, 4]], [[7, 0], [7, 1]], [[2, 2], [2, 2]]],
+                     np.float32)
+  x = jnp.asarray(windows.transpose(1, 0, 2).reshape(1, 2, 8, 1))  # four windows side by side
+  g = jnp.asarray([10.0, 20.0, 30.0, 40.0]).reshape(1, 1, 4, 1)
+  got = np.asarray(jax.vjp(model_lib.max_pool_2x2, x)[1](g)[0]).reshape(2, 4, 2).transpose(1, 0, 2)
+  want = np.zeros_like(windows)
+  for k, (i, j) in enumerate([(0, 1), (1, 0), (0, 0), (0, 0)]):
+    want[k, i, j] = g[0, 0, k, 0]
+  np.testing.assert_array_equal(got, want)
+
+
 def test_eval_mode_is_per_example(model_and_vars):
   model, variables = model_and_vars
   images = model_lib.normalize_images(
