@@ -11,7 +11,8 @@ With ``--augment`` it times the default recipe (augmented) against the same
 recipe without augmentation, then augmented again, instead. With
 ``--cpu-forms`` it times the model as it is, then with the kernel gradient as
 one convolution instead of chunks of the batch, then with the first layer as
-XLA's convolution instead of one matrix product, then as it is again. With
+XLA's convolution instead of one matrix product, then with max pooling's
+gradient left to JAX's autodiff of the reduction, then as it is again. With
 ``--cpu-devices`` it runs one subprocess per CPU device count
 (``JAX_NUM_CPU_DEVICES``; more than one runs each single-threaded,
 ``--xla_cpu_multi_thread_eigen=false``), in turn, twice. All but ``--augment`` time the
@@ -64,6 +65,12 @@ def time_epochs(dataset, epochs: int = 5, config: Config = Config().without_augm
           "median_epoch_s": round(float(np.median(times)), 4)}
 
 
+def autodiff_max_pool(x):
+  """`adder.model.max_pool_2x2` without its stated gradient: JAX's rule for a max."""
+  n, h, w, c = x.shape
+  return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 def _swapped(name: str, replacement):
   """Run `time_epochs` with ``adder.model.<name>`` replaced (looked up at trace time)."""
   def run(dataset):
@@ -80,6 +87,7 @@ CPU_FORMS = (
     ("as_is", lambda dataset: time_epochs(dataset, 3)),
     ("kernel_grad_whole", _swapped("_kernel_grad_chunked", model_lib._kernel_grad)),
     ("first_layer_xla_conv", _swapped("_conv_windows", model_lib._conv)),
+    ("pool_autodiff", _swapped("max_pool_2x2", autodiff_max_pool)),
     ("as_is_again", lambda dataset: time_epochs(dataset, 3)),
 )
 

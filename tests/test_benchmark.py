@@ -40,7 +40,9 @@ def quick_run(tmp_path_factory):
 
 def test_quick_json_has_positive_finite_figures(quick_run):
   _, figures, _ = quick_run
-  for key in REQUIRED + ("jax_compile_s", "jax_epoch_s", "jax_peak_rss_mib",
+  for key in REQUIRED + ("jax_epoch_img_s", "torch_inmemory_epoch_img_s",
+                         "jax_over_torch_dataloader_epoch_img_s", "jax_compile_s", "jax_epoch_s",
+                         "jax_peak_rss_mib",
                          "torch_inmemory_peak_rss_mib", "torch_dataloader_epoch_s"):
     value = figures[key]
     assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
