@@ -1,12 +1,11 @@
 """Which devices train: the CPU's device choice, and the one-axis ``data`` mesh.
 
 On the CPU `adder` keeps JAX's default: one host device for the whole
-machine, with XLA's own intra-op threads. Splitting the batch over one host
-device per core (the ``data`` mesh over N CPU devices) was measured 1.4x
-slower on the 2-vCPU machine of BENCHMARKS.md, where XLA's convolutions run
-no faster on two threads, or as two devices, than on one; the split only paid
-while the kernel gradient ran through YNNPACK, whose cost grew faster than the
-batch (`adder.model.conv_valid` now avoids that path). A user who wants per-core
+machine, whose intra-op threads use every core. Splitting the batch over one
+single-threaded host device per core (the ``data`` mesh over N CPU devices)
+was measured 1.5x slower on the 2-core machine of BENCHMARKS.md; the split
+only paid while the kernel gradient ran through YNNPACK, whose cost grew
+faster than the batch (`adder.model.conv_valid` now avoids that path). A user who wants per-core
 devices sets ``JAX_NUM_CPU_DEVICES``; the mesh and the step are the same.
 
 `configure_cpu_devices` says what the CPU will use and sets up several

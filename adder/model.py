@@ -19,10 +19,10 @@ Dense(60)-ReLU layers and two linear heads. 17,393 trainable parameters.
 BatchNorm follows PyTorch's ``nn.BatchNorm2d`` conventions (see `BatchNorm`),
 so that weights and running statistics convert both ways without loss.
 
-Three choices here are for speed and change no value beyond float32 rounding:
+Two choices here are for speed and change no value beyond float32 rounding:
 `conv_valid` states its forward pass and gradients in the forms XLA:CPU runs
-fast, `max_pool_2x2` states its gradient as PyTorch's, and `BatchNorm` takes
-its batch moments in one pass.
+fast, and `BatchNorm` takes its batch moments in one pass. `max_pool_2x2`
+states its gradient as PyTorch's, ties included.
 """
 
 from __future__ import annotations
@@ -50,13 +50,12 @@ def _pool_windows(x: jax.Array) -> jax.Array:
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """2x2 max pooling, stride 2: float (N, H, W, C) with even H and W -> (N, H/2, W/2, C).
 
-  The values of ``nn.max_pool``, written as a reshape and a max. The gradient
-  is ``torch.nn.MaxPool2d``'s: each window's goes whole to its first maximum
-  in row-major order (JAX's own rule for a max would split it among ties).
-  Stated directly, it is one select per window position; XLA:CPU's
-  ``select_and_scatter`` (``nn.max_pool``'s gradient) is slow, and the
-  autodiff of the reduction counts the ties in extra passes: this form makes
-  the CPU training step about 6% faster than the latter.
+  The values of ``nn.max_pool``, written as a reshape and a max rather than
+  ``nn.max_pool``, whose gradient (``select_and_scatter``) is slow on XLA:CPU.
+  The gradient is stated as ``torch.nn.MaxPool2d``'s: each window's goes whole
+  to its first maximum in row-major order, where JAX's rule for a max would
+  split it among ties. One select per window position; an epoch on the CPU
+  takes as long as with JAX's rule (``experiments/conv_probe.py --cpu-forms``).
   """
   return _pool_windows(x).max(axis=(2, 4))
 

@@ -6,16 +6,21 @@ Commands (from the repository root):
   python experiments/conv_probe.py OUT.json --augment        # README's cost of augmentation, CPU
   python experiments/conv_probe.py OUT.json --cpu-forms      # README's CPU convolution forms
   python experiments/conv_probe.py OUT.json --cpu-devices 1,2  # README's CPU device counts
+  python experiments/conv_probe.py OUT.json --cpu-pinned       # README's one core against two
 
 With ``--augment`` it times the default recipe (augmented) against the same
 recipe without augmentation, then augmented again, instead. With
-``--cpu-forms`` it times the model as it is, then with the kernel gradient as
-one convolution instead of chunks of the batch, then with the first layer as
-XLA's convolution instead of one matrix product, then with max pooling's
-gradient left to JAX's autodiff of the reduction, then as it is again. With
+``--cpu-forms`` it compiles four trainers in one process, the model as it is
+and with one part in another form (the kernel gradient as one convolution
+instead of chunks of the batch; the first layer as XLA's convolution instead
+of one matrix product; max pooling's gradient left to JAX's autodiff of the
+reduction), then times one epoch of each in turn, four rounds. With
 ``--cpu-devices`` it runs one subprocess per CPU device count
 (``JAX_NUM_CPU_DEVICES``; more than one runs each single-threaded,
-``--xla_cpu_multi_thread_eigen=false``), in turn, twice. All but ``--augment`` time the
+``--xla_cpu_multi_thread_eigen=false``), in turn, twice. With ``--cpu-pinned``
+it runs one single-threaded subprocess pinned to the first core, then two at
+once, pinned to the first and the second, then the model as it is, unpinned.
+All but ``--augment`` time the
 recipe without augmentation, as the benchmark does.
 
 `adder.model.conv_valid` states both convolution gradients as plain forward
@@ -71,25 +76,51 @@ def autodiff_max_pool(x):
   return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-def _swapped(name: str, replacement):
-  """Run `time_epochs` with ``adder.model.<name>`` replaced (looked up at trace time)."""
-  def run(dataset):
-    original = getattr(model_lib, name)
-    setattr(model_lib, name, replacement)
-    try:
-      return time_epochs(dataset, 3)
-    finally:
-      setattr(model_lib, name, original)
-  return run
+def _epoch(s, state, epoch: int):
+  """One training epoch, to the host holding its losses: the new state and the seconds."""
+  t0 = time.perf_counter()
+  state, m = s.epoch_fn(state, s.train_x, s.train_y, s.data_key, epoch)
+  train.to_host(m["loss"])
+  return state, time.perf_counter() - t0
 
 
+# (form, name in adder.model, its replacement while tracing); None: the model as it is.
 CPU_FORMS = (
-    ("as_is", lambda dataset: time_epochs(dataset, 3)),
-    ("kernel_grad_whole", _swapped("_kernel_grad_chunked", model_lib._kernel_grad)),
-    ("first_layer_xla_conv", _swapped("_conv_windows", model_lib._conv)),
-    ("pool_autodiff", _swapped("max_pool_2x2", autodiff_max_pool)),
-    ("as_is_again", lambda dataset: time_epochs(dataset, 3)),
+    ("as_is", None, None),
+    ("kernel_grad_whole", "_kernel_grad_chunked", model_lib._kernel_grad),
+    ("first_layer_xla_conv", "_conv_windows", model_lib._conv),
+    ("pool_autodiff", "max_pool_2x2", autodiff_max_pool),
 )
+
+
+def cpu_forms(dataset, rounds: int = 4) -> dict:
+  """Each of `CPU_FORMS` compiled (its first epoch), then one epoch of each in turn, `rounds` times.
+
+  Functions of `adder.model` are looked up while tracing, so a form's trainer
+  keeps its replacement after the original is put back.
+  """
+  config = Config().without_augmentation()
+  runs = {}
+  for form, name, replacement in CPU_FORMS:
+    original = getattr(model_lib, name) if name else None
+    if name:
+      setattr(model_lib, name, replacement)
+    try:
+      s, state = train.setup(config, dataset)
+      state, first = _epoch(s, state, 1)
+    finally:
+      if name:
+        setattr(model_lib, name, original)
+    runs[form] = [s, state, first, []]
+  for round_ in range(rounds):
+    for form, run in runs.items():
+      run[1], seconds = _epoch(run[0], run[1], round_ + 2)
+      run[3].append(seconds)
+    print("round", round_ + 1, {form: round(run[3][-1], 2) for form, run in runs.items()},
+          flush=True)
+  return {form: {"first_epoch_s": round(first, 3), "epoch_s": [round(t, 4) for t in times],
+                 "median_epoch_s": round(float(np.median(times)), 4)}
+          for form, (_, _, first, times) in runs.items()}
 
 
 def cpu_devices(counts: list[int], out_path: str) -> dict:
@@ -111,8 +142,44 @@ def cpu_devices(counts: list[int], out_path: str) -> dict:
   return out
 
 
+def _child(out_path: str, tag: str, env: dict, core: Optional[int]) -> subprocess.Popen:
+  """A subprocess timing the model as it is (``--as-is``), pinned to ``core`` if given."""
+  pin = None if core is None else (lambda: os.sched_setaffinity(0, {core}))
+  return subprocess.Popen([sys.executable, os.path.abspath(__file__), f"{out_path}.{tag}.json",
+                           "--as-is"], env=env, preexec_fn=pin)
+
+
+def _collect(out_path: str, children: dict) -> dict:
+  out = {}
+  for tag, child in children.items():
+    if child.wait() != 0:
+      raise SystemExit(f"error: the {tag} probe failed (exit {child.returncode})")
+    with open(f"{out_path}.{tag}.json") as f:
+      out[tag] = json.load(f)["as_is"]
+    os.remove(f"{out_path}.{tag}.json")
+    print(tag, out[tag], flush=True)
+  return out
+
+
+def cpu_pinned(out_path: str) -> dict:
+  """One single-threaded process on core 0; then two at once on cores 0 and 1; then unpinned."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+  single = {**env, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false", "JAX_NUM_CPU_DEVICES": "1"}
+  out = _collect(out_path, {"core0_alone": _child(out_path, "core0_alone", single, 0)})
+  out.update(_collect(out_path, {f"core{c}_of_two": _child(out_path, f"core{c}_of_two", single, c)
+                                 for c in (0, 1)}))
+  out.update(_collect(out_path, {"unpinned_default": _child(out_path, "unpinned_default", env, None)}))
+  return out
+
+
 def main(out_path: str, augment: bool = False, forms: bool = False,
-         devices_: Optional[list[int]] = None, as_is: bool = False) -> None:
+         devices_: Optional[list[int]] = None, as_is: bool = False,
+         pinned: bool = False) -> None:
+  if pinned:
+    with open(out_path, "w") as f:
+      json.dump({"jax": jax.__version__, "cores": sorted(os.sched_getaffinity(0)),
+                 **cpu_pinned(out_path)}, f, indent=1)
+    return
   if devices_:
     with open(out_path, "w") as f:
       json.dump({"jax": jax.__version__, **cpu_devices(devices_, out_path)}, f, indent=1)
@@ -126,9 +193,7 @@ def main(out_path: str, augment: bool = False, forms: bool = False,
              "test_labels": rng.integers(0, 10, 10000).astype(np.int32)}
   custom = model_lib.conv_valid
   if forms or as_is:
-    for name, run in CPU_FORMS[:1] if as_is else CPU_FORMS:
-      out[name] = run(dataset)
-      print(name, out[name], flush=True)
+    out.update(cpu_forms(dataset) if forms else {"as_is": time_epochs(dataset, 3)})
     with open(out_path, "w") as f:
       json.dump(out, f, indent=1)
     return
@@ -153,7 +218,8 @@ if __name__ == "__main__":
   args = sys.argv[2:]
   counts = ([int(n) for n in args[args.index("--cpu-devices") + 1].split(",")]
             if "--cpu-devices" in args else None)
-  if counts is None:  # the parent of --cpu-devices starts no backend of its own
+  pinned = "--cpu-pinned" in args
+  if counts is None and not pinned:  # those parents start no backend of their own
     print(devices.configure_cpu_devices(Config().batch_size), flush=True)  # as adder.train
   main(sys.argv[1], augment="--augment" in args, forms="--cpu-forms" in args,
-       devices_=counts, as_is="--as-is" in args)
+       devices_=counts, as_is="--as-is" in args, pinned=pinned)
