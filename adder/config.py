@@ -36,6 +36,9 @@ class Config:
   # recipe of the PyTorch reference and the parity tests).
   augment_shift_px: float = 1.0
   augment_rotate_deg: float = 5.0
+  # The last this many epochs train on the images as they are (0: every epoch
+  # augmented); nothing changes without augmentation.
+  plain_last_epochs: int = 0
 
   # --- model ---
   # Channels of the five 3x3 conv blocks; the last is the image-embedding size.
@@ -77,7 +80,11 @@ class Config:
 
   def without_augmentation(self) -> "Config":
     """This recipe with the training images as they are (the PyTorch reference's)."""
-    return self.replace(augment_shift_px=0.0, augment_rotate_deg=0.0)
+    return self.replace(augment_shift_px=0.0, augment_rotate_deg=0.0, plain_last_epochs=0)
+
+  def augments_epoch(self, epoch: int) -> bool:
+    """Whether 1-based `epoch` trains on augmented images."""
+    return self.augment and epoch <= self.epochs - self.plain_last_epochs
 
   def replace(self, **changes: Any) -> "Config":
     return dataclasses.replace(self, **changes)

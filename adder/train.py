@@ -431,8 +431,31 @@ class Setup(NamedTuple):
   lr_fn: optax.Schedule
   data_key: jax.Array  # keys every epoch's plan with fold_in(data_key, epoch)
   steps_per_epoch: int
-  epoch_fn: Callable  # jitted `train_epoch`
+  epoch_fn: Callable  # `epoch_function`: jitted `train_epoch`
   evaluate: Callable  # `evaluate` with a jitted `eval_step`, over test_x / test_y
+
+
+def epoch_function(config: Config, batch_sharding: Optional[NamedSharding]) -> Callable:
+  """`train_epoch` jitted for `config`, the state donated: ``fn(state, images, labels, key, epoch)``.
+
+  Epochs that `Config.augments_epoch` leaves plain run a second compilation
+  without the transforms; an epoch's plan is the same either way.
+  """
+  def jitted(augment):
+    return jax.jit(functools.partial(train_epoch, batch_size=config.batch_size,
+                                     batch_sharding=batch_sharding, augment=augment),
+                   donate_argnums=0)
+
+  augmented = jitted(create_augment(config))
+  if not config.augment or not config.plain_last_epochs:
+    return augmented
+  plain = jitted(None)
+
+  def epoch_fn(state, images_u8, labels, key, epoch: int):
+    fn = augmented if config.augments_epoch(epoch) else plain
+    return fn(state, images_u8, labels, key, epoch)
+
+  return epoch_fn
 
 
 def check_batch_size(batch_size: int, n_dev: int) -> None:
@@ -467,10 +490,7 @@ def setup(config: Config, dataset: dict[str, np.ndarray]) -> tuple[Setup, TrainS
   init_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
   state, lr_fn = create_train_state(config, init_key, steps_per_epoch)
   model = model_lib.create_model(config)
-  epoch_fn = jax.jit(
-      functools.partial(train_epoch, batch_size=config.batch_size,
-                        batch_sharding=batch_sharding, augment=create_augment(config)),
-      donate_argnums=0)
+  epoch_fn = epoch_function(config, batch_sharding)
   # Evaluation chunks split along `data` too; the outputs come back replicated.
   eval_fn = jax.jit(functools.partial(eval_step, model.apply), out_shardings=replicated)
   eval_batch = -(-config.eval_batch_size // n_dev) * n_dev
@@ -900,6 +920,9 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
                  metavar="DEGREES",
                  help="largest random rotation of a training image either way "
                       "(default: %(default)s)")
+  p.add_argument("--plain-last-epochs", type=int, default=d.plain_last_epochs, metavar="N",
+                 help="train the last N epochs on the images as they are "
+                      "(default: %(default)s)")
   p.add_argument("--no-augment", action="store_true",
                  help="train on the images as they are (the PyTorch reference's recipe)")
   p.add_argument("--require-gpu", action="store_true",
@@ -918,9 +941,12 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
                             ("--augment-rotate", a.augment_rotate, 180)):
     if not 0 <= value <= most:
       p.error(f"{flag} must be between 0 and {most}")
+  if not 0 <= a.plain_last_epochs <= a.epochs:
+    p.error("--plain-last-epochs must be between 0 and --epochs")
   config = config_from_flags(p, a).replace(
       require_gpu=a.require_gpu, save_every_s=a.save_every,
-      augment_shift_px=a.augment_shift, augment_rotate_deg=a.augment_rotate)
+      augment_shift_px=a.augment_shift, augment_rotate_deg=a.augment_rotate,
+      plain_last_epochs=a.plain_last_epochs)
   if a.no_augment:
     config = config.without_augmentation()
   return config, a

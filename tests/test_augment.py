@@ -77,6 +77,36 @@ def test_config_augmentation_switch():
   plain = Config().without_augmentation()
   assert not plain.augment and train_lib.create_augment(plain) is None
   assert Config(augment_shift_px=0.0).augment  # rotation alone still augments
+  last_plain = Config(epochs=4, plain_last_epochs=2)
+  assert [last_plain.augments_epoch(e) for e in (1, 2, 3, 4)] == [True, True, False, False]
+  assert not last_plain.without_augmentation().augments_epoch(1)
+  assert last_plain.without_augmentation().plain_last_epochs == 0
+
+
+def test_plain_last_epochs_train_as_the_plain_recipe(fake_mnist):
+  # Epochs 1-2 augmented, epoch 3 plain: from the same state after epoch 2,
+  # epoch 3 equals the plain recipe's epoch 3, and epoch 2 the augmented one's.
+  x = jnp.asarray(fake_mnist["train_images"])
+  y = jnp.asarray(fake_mnist["train_labels"])
+  key = jax.random.PRNGKey(1)
+  config = Config(batch_size=32, epochs=3, plain_last_epochs=1)
+
+  def epochs(cfg, state, first, last):
+    fn = train_lib.epoch_function(cfg, None)
+    for e in range(first, last + 1):
+      state, _ = fn(state, x, y, key, e)
+    return state
+
+  start = lambda: train_lib.create_train_state(config, jax.random.PRNGKey(0), 8)[0]  # noqa: E731
+  after_two = epochs(config, start(), 1, 2)
+  chex.assert_trees_all_equal(
+      after_two.params, epochs(config.replace(plain_last_epochs=0), start(), 1, 2).params)
+  mixed = epochs(config, after_two, 3, 3)
+  plain = epochs(config.without_augmentation(), epochs(config, start(), 1, 2), 3, 3)
+  augmented = epochs(config.replace(plain_last_epochs=0), epochs(config, start(), 1, 2), 3, 3)
+  chex.assert_trees_all_equal(mixed.params, plain.params)
+  assert not np.allclose(jax.tree_util.tree_leaves(mixed.params)[0],
+                         jax.tree_util.tree_leaves(augmented.params)[0])
 
 
 def test_epoch_with_augmentation_is_deterministic_and_differs_from_without(fake_mnist):

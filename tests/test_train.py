@@ -194,6 +194,8 @@ def _cli(*args, env=None):
     (["--batch-size", "x"], "invalid int value"),
     (["--augment-shift", "-1"], "--augment-shift must be between 0 and 14"),
     (["--augment-rotate", "200"], "--augment-rotate must be between 0 and 180"),
+    (["--epochs", "2", "--plain-last-epochs", "3"],
+     "--plain-last-epochs must be between 0 and --epochs"),
 ])
 def test_cli_rejects_bad_flags(args, message):
   r = _cli(*args)
