@@ -17,12 +17,14 @@ Commands (what produced the tables in README.md):
   python experiments/sweep.py --epochs 3 --no-swa --mnist-dir ../shared/mnist \
       --grid 128:0.05 128:0.1 128:0.2 --out runs/sweep.md
 
-Each grid item is one run: ``FIELD=VALUE[,FIELD=VALUE...]`` overrides of the
-default `Config` (``BATCH:LR`` is short for ``batch_size=BATCH,lr=LR``). The
-table gives each run's accuracies on the fixed test pairs and the exhaustive
-set, for the final weights and, with SWA, the averaged ones. With
-``--workdirs``, each run keeps its workdir (checkpoint, results, metrics,
-plots) in a subfolder named after its grid item.
+Each grid item is one run per seed: ``FIELD=VALUE[,FIELD=VALUE...]``
+overrides of the default `Config` (``BATCH:LR`` is short for
+``batch_size=BATCH,lr=LR``). The table gives each run's accuracies on the
+fixed test pairs and the exhaustive set, for the final weights and, with SWA,
+the averaged ones. With several ``--seeds``, a second table gives each item's
+exhaustive joint accuracy as the mean ± sample standard deviation over them.
+With ``--workdirs``, each run keeps its workdir (checkpoint, results,
+metrics, plots) in a subfolder named after its grid item (and seed).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import statistics
 import sys
 import tempfile
 
@@ -74,12 +77,24 @@ def table_row(item: str, results: dict) -> str:
   return "| " + " | ".join(cells) + f" | {img_s:.0f} |"
 
 
+def mean_row(item: str, runs: list[dict]) -> str:
+  """One markdown row: the item, its seeds, then exhaustive joint mean ± std per weight set."""
+  cells = [item, ",".join(str(r["config"]["seed"]) for r in runs)]
+  for name in ("final", "swa"):
+    accs = [r[name]["exhaustive"]["joint_acc"] for r in runs if name in r]
+    cells.append(f"{statistics.mean(accs):.4f} ± {statistics.stdev(accs):.4f}"
+                 if len(accs) > 1 else "")
+  return "| " + " | ".join(cells) + " |"
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--epochs", type=int, default=20)
   p.add_argument("--grid", nargs="+", required=True,
                  help="runs, each FIELD=VALUE[,FIELD=VALUE...] or BATCH:LR")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seeds", type=int, nargs="+", default=None,
+                 help="run each item with each of these seeds (instead of --seed)")
   p.add_argument("--no-swa", action="store_true", help="every run without SWA")
   p.add_argument("--mnist-dir", default=None)
   p.add_argument("--data-dir", default=None)
@@ -87,7 +102,8 @@ def main(argv=None) -> int:
                  help="keep each run's workdir (with its checkpoint) under this folder")
   p.add_argument("--out", default=None, help="also write the table to this file")
   a = p.parse_args(argv)
-  base = Config(epochs=a.epochs, seed=a.seed, swa=not a.no_swa)
+  seeds = a.seeds or [a.seed]
+  base = Config(epochs=a.epochs, seed=seeds[0], swa=not a.no_swa)
   try:
     configs = [parse_item(item, base) for item in a.grid]
     # The CPU devices of `python -m adder.train`, chosen for the first run's batch.
@@ -96,21 +112,34 @@ def main(argv=None) -> int:
   except (ValueError, data_lib.DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  rows = [f"epochs={a.epochs} seed={a.seed}, each row the default Config with these fields:",
+  rows = [f"epochs={a.epochs} seed={','.join(map(str, seeds))}, each row the default "
+          "Config with these fields:",
           "",
           "| run | final test joint | final exhaustive joint | SWA test joint | "
           "SWA exhaustive joint | img/s |",
           "|---|---:|---:|---:|---:|---:|"]
+  means = ["", "Exhaustive joint accuracy, mean ± sample std over the seeds:", "",
+           "| run | seeds | final | SWA |", "|---|---|---:|---:|"]
   for item, config in zip(a.grid, configs):
-    with tempfile.TemporaryDirectory() as tmp:
-      workdir = os.path.join(a.workdirs, item.replace(",", "_")) if a.workdirs else tmp
-      results = train_lib.train_and_evaluate(config, workdir, dataset=dataset,
-                                             write_artifacts=bool(a.workdirs))
-    rows.append(table_row(item, results))
-    print("\n".join(rows), flush=True)
-    if a.out:  # after every row: a long sweep stopped early keeps what it measured
-      with open(a.out, "w") as f:
-        f.write("\n".join(rows) + "\n")
+    runs = []
+    for seed in seeds:
+      name = item.replace(",", "_") + (f"_seed{seed}" if len(seeds) > 1 else "")
+      with tempfile.TemporaryDirectory() as tmp:
+        workdir = os.path.join(a.workdirs, name) if a.workdirs else tmp
+        runs.append(train_lib.train_and_evaluate(config.replace(seed=seed), workdir,
+                                                 dataset=dataset,
+                                                 write_artifacts=bool(a.workdirs)))
+      rows.append(table_row(item if len(seeds) == 1 else f"{item} seed={seed}", runs[-1]))
+      print("\n".join(rows), flush=True)
+      if a.out:  # after every row: a long sweep stopped early keeps what it measured
+        with open(a.out, "w") as f:
+          f.write("\n".join(rows + (means if len(seeds) > 1 else [])) + "\n")
+    if len(seeds) > 1:
+      means.append(mean_row(item, runs))
+      print("\n".join(means), flush=True)
+      if a.out:
+        with open(a.out, "w") as f:
+          f.write("\n".join(rows + means) + "\n")
   return 0
 
 

@@ -68,3 +68,15 @@ def test_sweep_grid_items():
   for bad in ("nonsense=1", "lr", "lr="):
     with pytest.raises(ValueError):
       sweep.parse_item(bad, base)
+
+
+def test_sweep_mean_row_over_seeds():
+  def run(seed, final, swa):
+    return {"config": {"seed": seed}, "final": {"exhaustive": {"joint_acc": final}},
+            "swa": {"exhaustive": {"joint_acc": swa}}}
+  row = sweep.mean_row("lr=0.1", [run(0, 0.995, 0.994), run(1, 0.997, 0.996)])
+  assert row == "| lr=0.1 | 0,1 | 0.9960 ± 0.0014 | 0.9950 ± 0.0014 |"
+  # Without SWA results the SWA cell stays empty.
+  assert sweep.mean_row("x", [{"config": {"seed": 0}, "final": {"exhaustive": {"joint_acc": 0.9}}},
+                              {"config": {"seed": 1}, "final": {"exhaustive": {"joint_acc": 0.9}}}]
+                        ).endswith("| 0.9000 ± 0.0000 |  |")
