@@ -13,6 +13,13 @@ Commands (what produced the tables in README.md):
       --out runs/sweep-recipe.md --workdirs runs/sweep-recipe \
       --grid weight_decay=1e-4 lr=0.4 lr=0.1 batch_size=64
 
+  # the last epochs without augmentation, and stronger transforms before them, 3 seeds each
+  python experiments/sweep.py --epochs 20 --data-dir .data/tfds --seeds 0 1 2 \
+      --out runs/sweep-plain.md --workdirs runs/sweep-plain --grid plain_last_epochs=3
+  python experiments/sweep.py --epochs 20 --data-dir .data/tfds --seeds 0 1 2 \
+      --out runs/sweep-strong.md --workdirs runs/sweep-strong \
+      --grid augment_shift_px=2,augment_rotate_deg=10,plain_last_epochs=5
+
   # the peak learning rate (3-epoch runs without SWA, before augmentation)
   python experiments/sweep.py --epochs 3 --no-swa --mnist-dir ../shared/mnist \
       --grid 128:0.05 128:0.1 128:0.2 --out runs/sweep.md
