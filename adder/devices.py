@@ -5,8 +5,9 @@ machine, whose intra-op threads use every core. Splitting the batch over one
 single-threaded host device per core (the ``data`` mesh over N CPU devices)
 was measured 1.5x slower on the 2-core machine of BENCHMARKS.md; the split
 only paid while the kernel gradient ran through YNNPACK, whose cost grew
-faster than the batch (`adder.model.conv_valid` now avoids that path). A user who wants per-core
-devices sets ``JAX_NUM_CPU_DEVICES``; the mesh and the step are the same.
+faster than the batch (`adder.model.conv_valid` now avoids that path). A user
+who wants per-core devices sets ``JAX_NUM_CPU_DEVICES``; the mesh and the step
+are the same.
 
 `configure_cpu_devices` says what the CPU will use and sets up several
 processes' collectives. It must run before JAX starts its backend (the first

@@ -436,7 +436,7 @@ class Setup(NamedTuple):
 
 
 def epoch_function(config: Config, batch_sharding: Optional[NamedSharding]) -> Callable:
-  """`train_epoch` jitted for `config`, the state donated: ``fn(state, images, labels, key, epoch)``.
+  """`train_epoch` jitted for `config`, state donated: ``fn(state, images, labels, key, epoch)``.
 
   Epochs that `Config.augments_epoch` leaves plain run a second compilation
   without the transforms; an epoch's plan is the same either way.

@@ -20,8 +20,8 @@ reduction), then times one epoch of each in turn, four rounds. With
 ``--xla_cpu_multi_thread_eigen=false``), in turn, twice. With ``--cpu-pinned``
 it runs one single-threaded subprocess pinned to the first core, then two at
 once, pinned to the first and the second, then the model as it is, unpinned.
-All but ``--augment`` time the
-recipe without augmentation, as the benchmark does.
+All but ``--augment`` time the recipe without augmentation, as the benchmark
+does.
 
 `adder.model.conv_valid` states both convolution gradients as plain forward
 convolutions (a `jax.custom_vjp`), for XLA:CPU's sake. This times a steady
@@ -168,7 +168,8 @@ def cpu_pinned(out_path: str) -> dict:
   out = _collect(out_path, {"core0_alone": _child(out_path, "core0_alone", single, 0)})
   out.update(_collect(out_path, {f"core{c}_of_two": _child(out_path, f"core{c}_of_two", single, c)
                                  for c in (0, 1)}))
-  out.update(_collect(out_path, {"unpinned_default": _child(out_path, "unpinned_default", env, None)}))
+  out.update(_collect(out_path, {"unpinned_default":
+                                 _child(out_path, "unpinned_default", env, None)}))
   return out
 
 
