@@ -123,23 +123,9 @@ def cpu_forms(dataset, rounds: int = 4) -> dict:
           for form, (_, _, first, times) in runs.items()}
 
 
-def cpu_devices(counts: list[int], out_path: str) -> dict:
-  """One subprocess per device count, in turn, twice; each times the model as it is."""
-  out = {}
-  for round_ in (1, 2):
-    for n in counts:
-      env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-      env["JAX_NUM_CPU_DEVICES"] = str(n)
-      if n > 1:  # each device single-threaded on its own core, as adder once chose
-        env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
-      child = f"{out_path}.{n}dev.{round_}.json"
-      subprocess.run([sys.executable, os.path.abspath(__file__), child, "--as-is"], env=env,
-                     check=True)
-      with open(child) as f:
-        out[f"{n}_devices_round_{round_}"] = json.load(f)["as_is"]
-      os.remove(child)
-      print(n, "device(s):", out[f"{n}_devices_round_{round_}"], flush=True)
-  return out
+def _env_without_cpu_choices() -> dict:
+  """This process's environment less the CPU device count and XLA flags."""
+  return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
 
 
 def _child(out_path: str, tag: str, env: dict, core: Optional[int]) -> subprocess.Popen:
@@ -150,6 +136,7 @@ def _child(out_path: str, tag: str, env: dict, core: Optional[int]) -> subproces
 
 
 def _collect(out_path: str, children: dict) -> dict:
+  """Wait for `_child` processes ``{tag: process}``; their figures ``{tag: as_is}``."""
   out = {}
   for tag, child in children.items():
     if child.wait() != 0:
@@ -161,9 +148,22 @@ def _collect(out_path: str, children: dict) -> dict:
   return out
 
 
+def cpu_devices(counts: list[int], out_path: str) -> dict:
+  """One subprocess per device count, in turn, twice; each times the model as it is."""
+  out = {}
+  for round_ in (1, 2):
+    for n in counts:
+      env = {**_env_without_cpu_choices(), "JAX_NUM_CPU_DEVICES": str(n)}
+      if n > 1:  # each device single-threaded on its own core, as adder once chose
+        env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false"
+      tag = f"{n}_devices_round_{round_}"
+      out.update(_collect(out_path, {tag: _child(out_path, tag, env, None)}))
+  return out
+
+
 def cpu_pinned(out_path: str) -> dict:
   """One single-threaded process on core 0; then two at once on cores 0 and 1; then unpinned."""
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+  env = _env_without_cpu_choices()
   single = {**env, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false", "JAX_NUM_CPU_DEVICES": "1"}
   out = _collect(out_path, {"core0_alone": _child(out_path, "core0_alone", single, 0)})
   out.update(_collect(out_path, {f"core{c}_of_two": _child(out_path, f"core{c}_of_two", single, c)
