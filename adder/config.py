@@ -60,6 +60,12 @@ class Config:
   # --- averaging (SWA) ---
   swa: bool = True
   swa_start_frac: float = 0.75  # average parameters over the last 25% of steps
+  # The learning rate of the averaging phase. None: the one-cycle schedule runs
+  # over every step, so the averaged weights come from its annealed tail. A
+  # value: the one-cycle schedule ends where averaging starts, and the
+  # averaging phase holds this learning rate (and the one-cycle's final
+  # momentum), as in the SWA paper's constant-rate phase.
+  swa_lr: Optional[float] = None
 
   # --- training ---
   epochs: int = 20
@@ -130,6 +136,10 @@ def add_recipe_flags(parser) -> None:
   add_data_flags(parser)
   parser.add_argument("--no-swa", action="store_true",
                       help="do not average weights over the last 25%% of steps")
+  parser.add_argument("--swa-lr", type=float, default=d.swa_lr, metavar="LR",
+                      help="hold this learning rate while averaging, the one-cycle "
+                           "schedule ending where averaging starts (default: the "
+                           "one-cycle schedule over every step)")
 
 
 def add_data_flags(parser) -> None:
@@ -149,8 +159,11 @@ def config_from_flags(parser, args) -> Config:
   for name in ("epochs", "batch_size"):
     if getattr(args, name) < 1:
       parser.error(f"--{name.replace('_', '-')} must be at least 1")
-  if not args.lr > 0 or args.lr == float("inf"):
-    parser.error("--lr must be a positive number")
+  for name in ("lr", "swa_lr"):
+    value = getattr(args, name)
+    if value is not None and not 0 < value < float("inf"):
+      parser.error(f"--{name.replace('_', '-')} must be a positive number")
   return Config().replace(
       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-      mnist_dir=args.mnist_dir, data_dir=args.data_dir, swa=not args.no_swa)
+      mnist_dir=args.mnist_dir, data_dir=args.data_dir, swa=not args.no_swa,
+      swa_lr=args.swa_lr)

@@ -188,14 +188,18 @@ def create_optimizer(
   Computes the updates of ``torch.optim.SGD(lr, momentum, weight_decay)``
   stepped by OneCycleLR: the decay is added to the gradient, then the momentum
   trace, then the learning rate. The SWA averaging starts at update
-  ``round(swa_start_frac * total_steps)``.
+  ``round(swa_start_frac * total_steps)``. With ``config.swa_lr`` set, the
+  one-cycle schedules span only the updates before that, and the averaging
+  phase runs at the constant ``swa_lr`` with the schedule's final momentum.
 
   Returns:
     ``(optimizer, lr_schedule)``; the schedule is for logging.
   """
   total_steps = config.epochs * steps_per_epoch
+  swa_start = swa_start_step(config, total_steps)
+  constant_phase = config.swa and config.swa_lr is not None
   lr_fn, momentum_fn = onecycle_schedules(
-      total_steps,
+      swa_start if constant_phase else total_steps,
       config.lr,
       pct_start=config.pct_start,
       div_factor=config.div_factor,
@@ -203,10 +207,14 @@ def create_optimizer(
       base_momentum=config.base_momentum,
       max_momentum=config.max_momentum,
   )
+  if constant_phase:
+    lr_fn = optax.join_schedules([lr_fn, optax.constant_schedule(config.swa_lr)], [swa_start])
+    momentum_fn = optax.join_schedules(
+        [momentum_fn, optax.constant_schedule(config.max_momentum)], [swa_start])
 
   tx = create_sgd(config, lr_fn, momentum_fn)
   if config.swa:
-    tx = optax.chain(tx, swa(swa_start_step(config, total_steps)))
+    tx = optax.chain(tx, swa(swa_start))
   return tx, lr_fn
 
 

@@ -67,9 +67,19 @@ def parse_item(item: str, base: Config) -> Config:
     name, _, value = pair.partition("=")
     if name not in _FIELDS or not value:
       raise ValueError(f"{pair!r} is not FIELD=VALUE with a field of Config")
-    kind = type(getattr(base, name))
-    changes[name] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    changes[name] = _parse_value(_FIELDS[name], value)
   return base.replace(**changes)
+
+
+_OPTIONAL_KINDS = {"Optional[float]": float, "Optional[int]": int, "Optional[str]": str}
+
+
+def _parse_value(field: dataclasses.Field, value: str):
+  """`value` as the type of `field`; ``none`` for an Optional field's None."""
+  if field.type in _OPTIONAL_KINDS:
+    return None if value.lower() == "none" else _OPTIONAL_KINDS[field.type](value)
+  kind = type(field.default)
+  return (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
 
 
 def table_row(item: str, results: dict) -> str:

@@ -21,10 +21,12 @@ per ``__getitem__``, behind a DataLoader) and the same optimisation recipe as
 `adder.train`, every hyperparameter read from `adder.config.Config`:
 cross-entropy on both heads summed; ``SGD(momentum, weight_decay)`` stepped by
 ``OneCycleLR`` with momentum cycling; ``AveragedModel`` updated after every
-optimizer step from step ``round(swa_start_frac * total_steps)`` on, then
-``update_bn`` over the training set in order. MNIST comes through
-`adder.data.load_mnist` (no torchvision); evaluation uses the same fixed pairs
-and `adder.metrics`, and ``results.json`` has the same keys as `adder.train`'s.
+optimizer step from step ``round(swa_start_frac * total_steps)`` on (with
+``swa_lr`` set, ``OneCycleLR`` spans the steps before it and the averaged
+steps run at ``swa_lr``), then ``update_bn`` over the training set in order.
+MNIST comes through `adder.data.load_mnist` (no torchvision); evaluation uses
+the same fixed pairs and `adder.metrics`, and ``results.json`` has the same
+keys as `adder.train`'s.
 
 Two input pipelines, ``--pipeline``:
 * ``dataloader``: the original, a ``DataLoader`` over `MNISTAdder`
@@ -191,6 +193,8 @@ class TorchRun:
   scheduler: OneCycleLR
   swa_model: Optional[AveragedModel]
   swa_start: int  # index of the first optimizer step averaged
+  swa_lr: Optional[float]  # the averaged steps' constant learning rate; None: OneCycleLR's
+  swa_momentum: float  # and their momentum (OneCycleLR's final)
   total_steps: int
   device: torch.device
   step: int = 0  # optimizer steps taken
@@ -223,18 +227,21 @@ def create_run(
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state_dict.items()})
   model.to(device=device, dtype=dtype)
   total_steps = config.epochs * steps_per_epoch
+  swa_start = optim_lib.swa_start_step(config, total_steps)
+  swa_lr = config.swa_lr if config.swa else None
   optimizer = torch.optim.SGD(
       model.parameters(), lr=config.lr, momentum=config.max_momentum,
       weight_decay=config.weight_decay, nesterov=config.nesterov)
   scheduler = OneCycleLR(
-      optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=config.pct_start,
+      optimizer, max_lr=config.lr, total_steps=total_steps if swa_lr is None else swa_start,
+      pct_start=config.pct_start,
       anneal_strategy="cos", cycle_momentum=True, base_momentum=config.base_momentum,
       max_momentum=config.max_momentum, div_factor=config.div_factor,
       final_div_factor=config.final_div_factor)
   return TorchRun(
       model=model, optimizer=optimizer, scheduler=scheduler,
       swa_model=AveragedModel(model) if config.swa else None,
-      swa_start=optim_lib.swa_start_step(config, total_steps),
+      swa_start=swa_start, swa_lr=swa_lr, swa_momentum=config.max_momentum,
       total_steps=total_steps, device=device)
 
 
@@ -248,7 +255,11 @@ def train_step(run: TorchRun, images: torch.Tensor, numbers: torch.Tensor,
   loss.backward()
   run.last_lr = run.optimizer.param_groups[0]["lr"]
   run.optimizer.step()
-  run.scheduler.step()
+  if run.swa_lr is not None and run.step + 1 >= run.swa_start:
+    for group in run.optimizer.param_groups:  # the next step averages: constant rate
+      group["lr"], group["momentum"] = run.swa_lr, run.swa_momentum
+  else:
+    run.scheduler.step()
   if run.swa_model is not None and run.step >= run.swa_start:
     run.swa_model.update_parameters(run.model)
   run.step += 1
@@ -486,7 +497,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
                   "it like adder.train (same fixed pairs, same results.json keys).")
   p.add_argument("--workdir", default="runs/torch_reference",
                  help="receives metrics.jsonl and results.json (default: %(default)s)")
-  add_recipe_flags(p)  # --epochs --batch-size --lr --seed --mnist-dir --data-dir --no-swa
+  add_recipe_flags(p)  # --epochs --batch-size --lr --seed --mnist-dir --data-dir --no-swa --swa-lr
   p.add_argument("--pipeline", choices=("dataloader", "inmemory"), default="dataloader",
                  help="dataloader: the original Dataset + DataLoader; inmemory: the "
                       "training set as one tensor, batches by indexing (default: %(default)s)")

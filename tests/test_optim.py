@@ -106,3 +106,28 @@ def test_swa_start_is_last_quarter_by_default():
   assert isinstance(optim.swa_state(tx.init({"w": jnp.ones(1)})), optim.SWAState)
   assert optim.swa_state(optim.create_optimizer(config.replace(swa=False), 468)[0].init(
       {"w": jnp.ones(1)})) is None
+
+
+def test_swa_lr_holds_a_constant_rate_after_a_shorter_one_cycle():
+  config = Config(epochs=4, swa_start_frac=0.75, swa_lr=0.03)
+  tx, lr_fn = optim.create_optimizer(config, steps_per_epoch=10)  # averaging from update 30
+  cycle_lr, cycle_m = optim.onecycle_schedules(30, config.lr)
+  for k in (0, 8, 20, 29):  # the one-cycle over the 30 updates before averaging
+    np.testing.assert_allclose(lr_fn(k), cycle_lr(k), rtol=1e-6)
+  for k in (30, 35, 39):
+    np.testing.assert_allclose(lr_fn(k), 0.03, rtol=1e-6)
+  # The rate and momentum SGD applies, read from its injected hyperparameters.
+  p = {"w": jnp.ones(2)}
+  state = tx.init(p)
+  applied = []
+  for _ in range(40):
+    _, state = tx.update({"w": jnp.ones(2)}, state, p)
+    hyper = state[0].hyperparams  # those of the update just made
+    applied.append((float(hyper["learning_rate"]), float(hyper["momentum"])))
+  np.testing.assert_allclose(applied[29], (cycle_lr(29), cycle_m(29)), rtol=1e-5)
+  np.testing.assert_allclose(applied[30:], [(0.03, config.max_momentum)] * 10, rtol=1e-6)
+  assert int(optim.swa_state(state).n_averaged) == 10
+  # Without SWA, or without swa_lr, the one-cycle spans every update.
+  for other in (config.replace(swa=False), config.replace(swa_lr=None)):
+    np.testing.assert_allclose(optim.create_optimizer(other, 10)[1](35),
+                               optim.onecycle_schedules(40, config.lr)[0](35), rtol=1e-6)

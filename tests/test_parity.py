@@ -388,6 +388,28 @@ def test_parity_onecycle_schedule_every_step(total_steps):
       np.testing.assert_allclose(ours, theirs, rtol=1e-6, err_msg=f"{name} at step {step}")
 
 
+
+def test_parity_swa_lr_phase_every_step():
+  """With swa_lr, the reference and the optimizer agree: a shorter one-cycle, then constant."""
+  config = CONFIG.replace(epochs=1, swa_lr=0.03, swa_start_frac=0.5)
+  steps = 12
+  run = ref.create_run(config, steps)
+  images = torch.zeros(2, 1, 28, 28)
+  labels = torch.zeros(2, dtype=torch.long)
+  t_lr, t_mom = [], []
+  for _ in range(steps):
+    t_mom.append(run.optimizer.param_groups[0]["momentum"])
+    ref.train_step(run, images, labels, labels, labels)
+    t_lr.append(run.last_lr)
+  t_lr, t_mom = np.asarray(t_lr), np.asarray(t_mom)
+  cycle_lr, cycle_mom = torch_onecycle(6, config)  # over the 6 steps before averaging
+  np.testing.assert_allclose(t_lr, np.r_[cycle_lr, [0.03] * 6], rtol=1e-12)
+  np.testing.assert_allclose(t_mom, np.r_[cycle_mom, [config.max_momentum] * 6], rtol=1e-12)
+  applied_lr, applied_mom = optimizer_hyperparams(config, steps)
+  chex.assert_trees_all_close(applied_lr, t_lr.astype(np.float32), **SCHEDULE_TOL)
+  chex.assert_trees_all_close(applied_mom, t_mom.astype(np.float32), **SCHEDULE_TOL)
+  assert int(run.swa_model.n_averaged) == 6
+
 def test_parity_optax_cosine_onecycle_is_one_step_late():
   """Why `adder.optim` has its own schedule: optax's peaks and ends a step later."""
   total_steps, config = 1000, CONFIG

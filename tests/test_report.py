@@ -65,7 +65,9 @@ def test_sweep_grid_items():
   assert sweep.parse_item("128:0.1", base) == base.replace(batch_size=128, lr=0.1)
   c = sweep.parse_item("augment_shift_px=3,augment_rotate_deg=15,swa=false", base)
   assert (c.augment_shift_px, c.augment_rotate_deg, c.swa) == (3.0, 15.0, False)
-  for bad in ("nonsense=1", "lr", "lr="):
+  assert sweep.parse_item("swa_lr=0.02", base).swa_lr == 0.02  # an Optional[float] field
+  assert sweep.parse_item("swa_lr=none", base.replace(swa_lr=0.1)).swa_lr is None
+  for bad in ("nonsense=1", "lr", "lr=", "swa_lr=fast"):
     with pytest.raises(ValueError):
       sweep.parse_item(bad, base)
 

@@ -191,6 +191,7 @@ def _cli(*args, env=None):
 @pytest.mark.parametrize("args, message", [
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--lr", "-1"], "--lr must be a positive number"),
+    (["--swa-lr", "0"], "--swa-lr must be a positive number"),
     (["--batch-size", "x"], "invalid int value"),
     (["--augment-shift", "-1"], "--augment-shift must be between 0 and 14"),
     (["--augment-rotate", "200"], "--augment-rotate must be between 0 and 180"),
