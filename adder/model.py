@@ -115,6 +115,8 @@ def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
     a lone one. Here each gradient is an ordinary NHWC x HWIO convolution with
     explicit transposes, so a whole epoch runs in one ``lax.scan``.
   * The kernel gradient in chunks of the batch (`_kernel_grad_chunked`).
+  * Where the output is smaller than the kernel (the last layer), the input
+    gradient as matrix products (`_input_grad_by_products`).
   * A one-channel input (the first layer) as one matrix product over its nine
     shifted windows (`_conv_windows`), twice as fast as XLA:CPU's convolution.
   """
@@ -175,12 +177,39 @@ def _kernel_grad_chunked(x: jax.Array, g: jax.Array) -> jax.Array:
   return total
 
 
+def _input_grad(g: jax.Array, kernel: jax.Array) -> jax.Array:
+  """dL/dx of a VALID convolution: g (N, Ho, Wo, Co), kernel (kh, kw, Ci, Co) -> (N, H, W, Ci).
+
+  The full correlation of g with the flipped kernel, in/out features swapped.
+  """
+  kh, kw = kernel.shape[:2]
+  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)  # (kh, kw, Co, Ci)
+  return _conv(g, flipped, ((kh - 1, kh - 1), (kw - 1, kw - 1)))
+
+
+def _input_grad_by_products(g: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`_input_grad` as one matrix product and kh * kw shifted, zero-padded sums (same shapes).
+
+  For an output smaller than the kernel (the last layer's 2x2 against 3x3),
+  XLA:CPU swaps the correlation's operands into a non-canonical convolution
+  and runs it on its naive loop; this form has no convolution.
+  """
+  kh, kw = kernel.shape[:2]
+  parts = jnp.einsum("nhwo,ijco->ijnhwc", g, kernel)  # each tap's share, (kh, kw, N, Ho, Wo, Ci)
+  dx = 0.0
+  for i in range(kh):
+    for j in range(kw):
+      dx = dx + jnp.pad(parts[i, j], ((0, 0), (i, kh - 1 - i), (j, kw - 1 - j), (0, 0)))
+  return dx
+
+
 def _conv_valid_bwd(residuals, g):
   x, kernel = residuals
   kh, kw = kernel.shape[:2]
-  # dL/dx: full correlation of g with the flipped kernel, in/out features swapped.
-  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)  # (kh, kw, Co, Ci)
-  dx = _conv(g, flipped, ((kh - 1, kh - 1), (kw - 1, kw - 1)))
+  if g.shape[1] < kh or g.shape[2] < kw:
+    dx = lax.platform_dependent(g, kernel, cpu=_input_grad_by_products, default=_input_grad)
+  else:
+    dx = _input_grad(g, kernel)
   dk = lax.platform_dependent(x, g, cpu=_kernel_grad_chunked, default=_kernel_grad)
   return dx, dk
 

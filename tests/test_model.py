@@ -152,6 +152,15 @@ def test_kernel_gradient_in_chunks_equals_the_whole(n, chunks):
                              atol=1e-5 * float(jnp.abs(whole).max()))
 
 
+def test_input_gradient_of_an_output_smaller_than_the_kernel_has_no_convolution():
+  # XLA:CPU would run that correlation on its naive loop (operands swapped).
+  x, kernel = jnp.zeros((2, 4, 4, 16)), jnp.ones((3, 3, 16, 20))
+  g = jax.random.normal(jax.random.PRNGKey(0), (2, 2, 2, 20))
+  dx = jax.jit(lambda g: model_lib._conv_valid_bwd((x, kernel), g)[0])
+  assert "convolution(" not in dx.lower(g).compile().as_text()
+  np.testing.assert_allclose(dx(g), model_lib._input_grad(g, kernel), atol=1e-5, rtol=1e-5)
+
+
 def test_conv_valid_gradients_inside_a_scan_equal_lax_conv():
   # The custom backward pass is what runs inside `train_epoch`'s scan.
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 10, 10, 4))
