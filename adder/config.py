@@ -31,11 +31,13 @@ class Config:
   # Seed of the fixed (image, integer) pairs of the `test` evaluation set.
   eval_seed: int = 1234
   # Augmentation of the training images (`adder.augment`), drawn per step on
-  # the device: a uniform shift of up to this many pixels along each axis and
-  # a rotation of up to this many degrees either way. 0 and 0: none (the
-  # recipe of the PyTorch reference and the parity tests).
+  # the device: a uniform shift of up to this many pixels along each axis, a
+  # rotation of up to this many degrees either way, and a scaling by a factor
+  # in [1 - augment_scale, 1 + augment_scale]. All 0: none (the recipe of the
+  # PyTorch reference and the parity tests).
   augment_shift_px: float = 1.0
   augment_rotate_deg: float = 5.0
+  augment_scale: float = 0.0
   # The last this many epochs train on the images as they are (0: every epoch
   # augmented); nothing changes without augmentation.
   plain_last_epochs: int = 0
@@ -82,11 +84,12 @@ class Config:
   @property
   def augment(self) -> bool:
     """Whether training images are augmented."""
-    return self.augment_shift_px > 0 or self.augment_rotate_deg > 0
+    return self.augment_shift_px > 0 or self.augment_rotate_deg > 0 or self.augment_scale > 0
 
   def without_augmentation(self) -> "Config":
     """This recipe with the training images as they are (the PyTorch reference's)."""
-    return self.replace(augment_shift_px=0.0, augment_rotate_deg=0.0, plain_last_epochs=0)
+    return self.replace(augment_shift_px=0.0, augment_rotate_deg=0.0, augment_scale=0.0,
+                        plain_last_epochs=0)
 
   def augments_epoch(self, epoch: int) -> bool:
     """Whether 1-based `epoch` trains on augmented images."""

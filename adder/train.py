@@ -74,7 +74,7 @@ def create_augment(config: Config) -> Optional[Augment]:
   if not config.augment:
     return None
   return functools.partial(augment_lib.random_affine, shift_px=config.augment_shift_px,
-                           rotate_deg=config.augment_rotate_deg)
+                           rotate_deg=config.augment_rotate_deg, scale=config.augment_scale)
 
 
 class TrainState(train_state.TrainState):
@@ -920,6 +920,9 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
                  metavar="DEGREES",
                  help="largest random rotation of a training image either way "
                       "(default: %(default)s)")
+  p.add_argument("--augment-scale", type=float, default=d.augment_scale, metavar="FRACTION",
+                 help="largest random change of a training image's size either way, "
+                      "e.g. 0.1 for 90-110%% (default: %(default)s)")
   p.add_argument("--plain-last-epochs", type=int, default=d.plain_last_epochs, metavar="N",
                  help="train the last N epochs on the images as they are "
                       "(default: %(default)s)")
@@ -938,7 +941,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
   if not a.save_every >= 0:
     p.error("--save-every must be 0 or more seconds")
   for flag, value, most in (("--augment-shift", a.augment_shift, 14),
-                            ("--augment-rotate", a.augment_rotate, 180)):
+                            ("--augment-rotate", a.augment_rotate, 180),
+                            ("--augment-scale", a.augment_scale, 0.5)):
     if not 0 <= value <= most:
       p.error(f"{flag} must be between 0 and {most}")
   if not 0 <= a.plain_last_epochs <= a.epochs:
@@ -946,7 +950,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
   config = config_from_flags(p, a).replace(
       require_gpu=a.require_gpu, save_every_s=a.save_every,
       augment_shift_px=a.augment_shift, augment_rotate_deg=a.augment_rotate,
-      plain_last_epochs=a.plain_last_epochs)
+      augment_scale=a.augment_scale, plain_last_epochs=a.plain_last_epochs)
   if a.no_augment:
     config = config.without_augmentation()
   return config, a

@@ -50,6 +50,36 @@ def test_half_pixel_shift_averages_neighbours():
   np.testing.assert_allclose(np.asarray(y)[0, :, 0], np.asarray(x)[0, :, 0] / 2, rtol=1e-6)
 
 
+def test_scale_about_the_centre_on_a_ramp():
+  # Bilinear sampling is exact on a linear image: column j of the output reads
+  # column (j - c) / s + c of the input, whose value is that column's index.
+  ramp = jnp.broadcast_to(jnp.arange(28, dtype=jnp.float32), (2, 28, 28))
+  scale = jnp.asarray([2.0, 0.5])
+  y = np.asarray(augment.affine_transform(ramp, jnp.zeros(2), jnp.zeros((2, 2)), scale))
+  c = 13.5
+  np.testing.assert_allclose(y[0, 13], (np.arange(28) - c) / 2 + c, rtol=1e-6)  # all inside
+  inside = np.abs(np.arange(28) - c) * 2 <= c  # shrunk: the edges read outside the image
+  np.testing.assert_allclose(y[1, 13, inside], ((np.arange(28) - c) * 2 + c)[inside], atol=1e-5)
+  assert y[1, 13, 0] == 0 and y[1, 13, -1] == 0 and y[1, 0].max() == 0  # background
+  no_scale = augment.affine_transform(ramp, jnp.zeros(2), jnp.zeros((2, 2)), jnp.ones(2))
+  np.testing.assert_array_equal(np.asarray(no_scale), np.asarray(ramp))
+
+
+def test_random_scale_keeps_the_angles_and_shifts_drawn_without_it():
+  x = _images(8)
+  key = jax.random.PRNGKey(5)
+  rotated = augment.random_affine(key, x, shift_px=0.0, rotate_deg=10.0)
+  scaled = augment.random_affine(key, x, shift_px=0.0, rotate_deg=10.0, scale=0.2)
+  assert not np.allclose(np.asarray(rotated), np.asarray(scaled))
+  only_scaled = augment.random_affine(key, x, shift_px=0.0, rotate_deg=0.0, scale=0.2)
+  # The mass of a centred blob grows with the square of the factor: between 0.64 and 1.44.
+  blob = jnp.zeros((8, 28, 28)).at[:, 10:18, 10:18].set(100.0)
+  ratio = augment.random_affine(key, blob, shift_px=0.0, rotate_deg=0.0, scale=0.2).sum(
+      (1, 2)) / blob.sum((1, 2))
+  assert np.all((ratio > 0.6) & (ratio < 1.5)) and np.ptp(np.asarray(ratio)) > 0.05
+  assert only_scaled.shape == x.shape and only_scaled.dtype == x.dtype
+
+
 def test_random_affine_is_deterministic_from_its_key_and_keeps_shape_and_dtype():
   x = _images(8)
   f = jax.jit(lambda k, x: augment.random_affine(k, x, shift_px=2.0, rotate_deg=10.0))
@@ -77,6 +107,8 @@ def test_config_augmentation_switch():
   plain = Config().without_augmentation()
   assert not plain.augment and train_lib.create_augment(plain) is None
   assert Config(augment_shift_px=0.0).augment  # rotation alone still augments
+  assert Config(augment_shift_px=0.0, augment_rotate_deg=0.0, augment_scale=0.1).augment
+  assert Config(augment_scale=0.1).without_augmentation().augment_scale == 0.0
   last_plain = Config(epochs=4, plain_last_epochs=2)
   assert [last_plain.augments_epoch(e) for e in (1, 2, 3, 4)] == [True, True, False, False]
   assert not last_plain.without_augmentation().augments_epoch(1)

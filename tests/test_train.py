@@ -195,6 +195,7 @@ def _cli(*args, env=None):
     (["--batch-size", "x"], "invalid int value"),
     (["--augment-shift", "-1"], "--augment-shift must be between 0 and 14"),
     (["--augment-rotate", "200"], "--augment-rotate must be between 0 and 180"),
+    (["--augment-scale", "0.6"], "--augment-scale must be between 0 and 0.5"),
     (["--epochs", "2", "--plain-last-epochs", "3"],
      "--plain-last-epochs must be between 0 and --epochs"),
 ])
