@@ -20,6 +20,15 @@ Commands (what produced the tables in README.md):
       --out runs/sweep-strong.md --workdirs runs/sweep-strong \
       --grid augment_shift_px=2,augment_rotate_deg=10,plain_last_epochs=5
 
+  # weight decay, a constant-rate SWA phase, and augmentation strengths (the
+  # default of the time: +-1 px, +-5 degrees, no scaling); the last became the default
+  python experiments/sweep.py --epochs 20 --data-dir .data/tfds --seeds 0 1 \
+      --out runs/sweep-swalr.md --workdirs runs/sweep-swalr --grid swa_lr=0.02 swa_lr=0.05
+  python experiments/sweep.py --epochs 20 --data-dir .data/tfds --seeds 1 2 \
+      --out runs/sweep-scale.md --workdirs runs/sweep-scale \
+      --grid augment_scale=0.1 augment_rotate_deg=10,augment_scale=0.1
+  (and the others in README.md's "How the recipe was chosen")
+
   # the peak learning rate (3-epoch runs without SWA, before augmentation)
   python experiments/sweep.py --epochs 3 --no-swa --mnist-dir ../shared/mnist \
       --grid 128:0.05 128:0.1 128:0.2 --out runs/sweep.md

@@ -29,7 +29,8 @@ from conftest import REPO
 TINY = Config(epochs=3, batch_size=32, lr=0.05, eval_batch_size=64, swa_start_frac=0.5,
               save_every_s=0.0).without_augmentation()
 TINY_AUGMENTED = TINY.replace(augment_shift_px=Config().augment_shift_px,
-                              augment_rotate_deg=Config().augment_rotate_deg)
+                              augment_rotate_deg=Config().augment_rotate_deg,
+                              augment_scale=Config().augment_scale)
 
 
 def _batch(dataset, bs=16, seed=0):
