@@ -32,13 +32,11 @@ STEPS_ON_ONE_AND_TWO_DEVICES = textwrap.dedent("""
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (256, 28, 28), dtype=np.uint8)
     y = rng.integers(0, 10, 256).astype(np.int32)
-    config = Config(batch_size=32, epochs=1)
     idx, nums = data.epoch_plan(jax.random.PRNGKey(1), 0, 256, 32)
     keys = augment.step_keys(jax.random.PRNGKey(1), 0, 4)
-    aug = train.create_augment(config)  # the default recipe augments
-    assert aug is not None
 
-    def run(devices):
+    def run(config, devices):
+      aug = train.create_augment(config)
       mesh = Mesh(np.array(devices), ("data",))
       rep, by_data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
       state, _ = train.create_train_state(config, jax.random.PRNGKey(0), 8)
@@ -51,11 +49,15 @@ STEPS_ON_ONE_AND_TWO_DEVICES = textwrap.dedent("""
                         augment=aug)
       return train.to_host((state.params, state.batch_stats)), hlo
 
-    (one, hlo1), (two, hlo2) = run(jax.devices()[:1]), run(jax.devices())
-    diff = max(float(np.max(np.abs(a - b))) for a, b in
-               zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(two)))
-    print(json.dumps({"max_abs_diff": diff, "all_reduce_1": "all-reduce" in hlo1,
-                      "all_reduce_2": "all-reduce" in hlo2}))
+    out = {}
+    default = Config(batch_size=32, epochs=1)
+    assert default.augment  # the default recipe augments
+    for name, config in (("plain", default.without_augmentation()), ("default", default)):
+      (one, hlo1), (two, hlo2) = run(config, jax.devices()[:1]), run(config, jax.devices())
+      out[name] = max(float(np.max(np.abs(a - b))) for a, b in
+                      zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(two)))
+      out["all_reduce_1"], out["all_reduce_2"] = "all-reduce" in hlo1, "all-reduce" in hlo2
+    print(json.dumps(out))
 """)
 
 
@@ -66,7 +68,11 @@ def test_two_devices_match_one_device_with_the_same_global_batch():
   # The 2-device step really is split: gradients and BatchNorm moments are summed
   # across devices; on one device there is nothing to sum.
   assert out["all_reduce_2"] and not out["all_reduce_1"]
-  assert out["max_abs_diff"] <= 1e-5, out
+  assert out["plain"] <= 1e-5, out
+  # With the transforms, the two compilations round the sampling coordinates
+  # differently (augmented pixels differ by up to ~6e-4 of 255), which four
+  # steps amplify to ~3e-5; the plain recipe above checks the split to 1e-5.
+  assert out["default"] <= 1e-4, out
 
 
 def test_batch_size_must_divide_over_devices(tmp_path):
