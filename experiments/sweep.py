@@ -46,11 +46,11 @@ metrics, plots) in a subfolder named after its grid item (and seed).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
 import tempfile
+import typing
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -59,7 +59,8 @@ from adder import devices
 from adder import train as train_lib
 from adder.config import Config
 
-_FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# Each field's type, annotations resolved: Optional[float] is Union[float, None].
+_TYPES = typing.get_type_hints(Config)
 
 
 def parse_item(item: str, base: Config) -> Config:
@@ -74,20 +75,18 @@ def parse_item(item: str, base: Config) -> Config:
   changes = {}
   for pair in item.split(","):
     name, _, value = pair.partition("=")
-    if name not in _FIELDS or not value:
+    if name not in _TYPES or not value:
       raise ValueError(f"{pair!r} is not FIELD=VALUE with a field of Config")
-    changes[name] = _parse_value(_FIELDS[name], value)
+    changes[name] = _parse_value(_TYPES[name], value)
   return base.replace(**changes)
 
 
-_OPTIONAL_KINDS = {"Optional[float]": float, "Optional[int]": int, "Optional[str]": str}
-
-
-def _parse_value(field: dataclasses.Field, value: str):
-  """`value` as the type of `field`; ``none`` for an Optional field's None."""
-  if field.type in _OPTIONAL_KINDS:
-    return None if value.lower() == "none" else _OPTIONAL_KINDS[field.type](value)
-  kind = type(field.default)
+def _parse_value(kind, value: str):
+  """`value` as a field of type `kind`; ``none`` for an Optional field's None."""
+  if typing.get_origin(kind) is typing.Union:  # Optional[X]
+    if value.lower() == "none":
+      return None
+    (kind,) = [k for k in typing.get_args(kind) if k is not type(None)]
   return (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
 
 
