@@ -51,6 +51,12 @@ class Config:
   bn_momentum: float = 0.9  # Flax convention: running = m*running + (1-m)*batch
   bn_epsilon: float = 1e-5
 
+  # --- loss ---
+  # Weight of the heads' agreement term (`adder.train.consistency_loss`): each
+  # head is also trained toward the other's prediction, read through
+  # sum = digit + number. 0: the two cross-entropies alone, the original's loss.
+  consistency_weight: float = 0.0
+
   # --- optimizer: SGD with momentum on PyTorch's OneCycleLR ---
   lr: float = 0.2  # peak learning rate (OneCycleLR's max_lr); chosen by experiments/sweep.py
   pct_start: float = 0.3  # share of steps spent warming up
@@ -139,6 +145,10 @@ def add_recipe_flags(parser) -> None:
                       help="seeds initialisation, shuffling and the integers "
                            "(default: %(default)s)")
   add_data_flags(parser)
+  parser.add_argument("--consistency-weight", type=float, default=d.consistency_weight,
+                      metavar="W",
+                      help="weight of the term that trains each head toward the other's "
+                           "prediction (0: cross-entropies alone; default: %(default)s)")
   parser.add_argument("--no-swa", action="store_true",
                       help="do not average weights over the last 25%% of steps")
   parser.add_argument("--swa-lr", type=float, default=d.swa_lr, metavar="LR",
@@ -168,7 +178,9 @@ def config_from_flags(parser, args) -> Config:
     value = getattr(args, name)
     if value is not None and not 0 < value < float("inf"):
       parser.error(f"--{name.replace('_', '-')} must be a positive number")
+  if not 0 <= args.consistency_weight < float("inf"):
+    parser.error("--consistency-weight must be a number >= 0")
   return Config().replace(
       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
       mnist_dir=args.mnist_dir, data_dir=args.data_dir, swa=not args.no_swa,
-      swa_lr=args.swa_lr)
+      swa_lr=args.swa_lr, consistency_weight=args.consistency_weight)

@@ -46,7 +46,7 @@ def _column(history: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_loss(history: Sequence[dict], path: str) -> str:
-  """Loss (digit + sum cross-entropy) per epoch, log scale.
+  """The training loss (`adder.train.train_step`'s objective) per epoch, log scale.
 
   The mean over the epoch's training steps and, where the rows have
   ``test_loss``, the loss on the test pairs after the epoch (eval mode).
@@ -60,7 +60,7 @@ def plot_loss(history: Sequence[dict], path: str) -> str:
     ax.plot(*curves[1], marker="o", label="test pairs (after the epoch)")
   if all(np.all(loss > 0) for _, loss in curves):
     ax.set_yscale("log")
-  ax.set(xlabel="epoch", ylabel="loss", title="Loss (digit CE + sum CE)")
+  ax.set(xlabel="epoch", ylabel="loss", title="Loss (the training objective)")
   ax.grid(True, alpha=0.3)
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
   ax.legend()
@@ -258,7 +258,7 @@ def plot_lr_find(
   finite = smoothed[np.isfinite(smoothed)]
   if finite.size:  # raw losses past divergence would squash the curve
     ax.set_ylim(0, 1.05 * finite.max())
-  ax.set(xlabel="learning rate", ylabel="loss (digit CE + sum CE)",
+  ax.set(xlabel="learning rate", ylabel="training loss",
          title="Learning-rate range test")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend()

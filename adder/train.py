@@ -3,7 +3,9 @@
 ``python -m adder.train [flags]`` parses flags into an `adder.config.Config` and
 calls `train_and_evaluate`. Everything else here is importable:
 
-* `train_step(state, batch) -> (state, metrics)`: one SGD update on a batch.
+* `train_step(state, batch) -> (state, metrics)`: one SGD update on a batch,
+  down the gradient of `objective` (`cross_entropy_loss` plus the state's
+  share of `consistency_loss`).
 * `train_epoch`: one whole epoch in one jit call: the epoch's pairs drawn on
   the device (`adder.data.epoch_plan`), then a ``lax.scan`` of `train_batch`
   over them, each batch gathered from the uint8 images already there. No host
@@ -49,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from flax import serialization
+from flax import serialization, struct
 from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -78,9 +80,14 @@ def create_augment(config: Config) -> Optional[Augment]:
 
 
 class TrainState(train_state.TrainState):
-  """params, opt_state and step (from Flax) plus the BatchNorm running statistics."""
+  """params, opt_state and step (from Flax) plus the BatchNorm running statistics.
+
+  ``consistency_weight`` is the loss's (`Config.consistency_weight`), static
+  like ``tx``: `train_step` trains whatever state it is given by its own recipe.
+  """
 
   batch_stats: Any
+  consistency_weight: float = struct.field(pytree_node=False, default=0.0)
 
 
 def create_train_state(
@@ -95,6 +102,7 @@ def create_train_state(
       params=variables["params"],
       batch_stats=variables["batch_stats"],
       tx=tx,
+      consistency_weight=config.consistency_weight,
   )
   return state, lr_fn
 
@@ -110,6 +118,32 @@ def cross_entropy_loss(
   digit_loss = optax.softmax_cross_entropy_with_integer_labels(digit_logits, digits).mean()
   sum_loss = optax.softmax_cross_entropy_with_integer_labels(sum_logits, sums).mean()
   return digit_loss + sum_loss, (digit_loss, sum_loss)
+
+
+def consistency_loss(
+    digit_logits: jax.Array, sum_logits: jax.Array, numbers: jax.Array
+) -> jax.Array:
+  """How far the two heads disagree, each read through sum = digit + number.
+
+  The sum head's probabilities of the ten sums the number allows (number + 0
+  .. number + 9), renormalised, are a distribution over digits; the digit
+  head's distribution, moved up by the number, is one over sums. Each head is
+  pulled toward the other's, which is held fixed (a stop-gradient target):
+  KL(sum head's digits || digit head) + KL(digit head's sums || sum head).
+
+  Args: logits float32 (B, 10) and (B, 19); numbers int (B,) in 0..9.
+  Returns: float32 (B,), each case's, >= 0; 0 where the heads agree.
+  """
+  possible = numbers[:, None] + jnp.arange(model_lib.NUM_DIGITS)  # (B, 10) sums
+  log_digit = jax.nn.log_softmax(digit_logits)
+  log_sum = jnp.take_along_axis(jax.nn.log_softmax(sum_logits), possible, axis=1)
+  log_sum_as_digit = jax.nn.log_softmax(jnp.take_along_axis(sum_logits, possible, axis=1))
+
+  def kl(log_target, log_p):  # the target held fixed
+    log_target = jax.lax.stop_gradient(log_target)
+    return jnp.sum(jnp.exp(log_target) * (log_target - log_p), axis=-1)
+
+  return kl(log_sum_as_digit, log_digit) + kl(log_digit, log_sum)
 
 
 def make_batch(
@@ -146,21 +180,41 @@ def make_batch(
   }
 
 
+def objective(
+    state: TrainState, params: Any, batch: dict[str, jax.Array]
+) -> tuple[jax.Array, tuple[Any, dict]]:
+  """`train_step`'s loss at ``params``: `cross_entropy_loss`, plus
+  ``state.consistency_weight`` times the batch's mean `consistency_loss`.
+
+  Train mode: BatchNorm normalises with the batch's statistics.
+
+  Returns:
+    ``(loss, (batch_stats, metrics))``: a float32 scalar, the BatchNorm
+    running statistics updated by the batch, and float32 scalars
+    ``digit_loss``, ``sum_loss`` and, with a weight, ``consistency_loss``.
+  """
+  (digit_logits, sum_logits), updates = state.apply_fn(
+      {"params": params, "batch_stats": state.batch_stats},
+      batch["image"], batch["number"], train=True, mutable=["batch_stats"])
+  loss, (digit_loss, sum_loss) = cross_entropy_loss(
+      digit_logits, sum_logits, batch["digit"], batch["sum"])
+  metrics = {"digit_loss": digit_loss, "sum_loss": sum_loss}
+  if state.consistency_weight:
+    metrics["consistency_loss"] = consistency_loss(
+        digit_logits, sum_logits, batch["number"]).mean()
+    loss = loss + state.consistency_weight * metrics["consistency_loss"]
+  return loss, (updates["batch_stats"], metrics)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict]:
-  """One update on one batch (see `make_batch`). Pure: new state, scalar metrics."""
+  """One update on one batch (see `make_batch`) down the gradient of `objective`.
 
-  def loss_fn(params):
-    (digit_logits, sum_logits), updates = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats},
-        batch["image"], batch["number"], train=True, mutable=["batch_stats"])
-    loss, (digit_loss, sum_loss) = cross_entropy_loss(
-        digit_logits, sum_logits, batch["digit"], batch["sum"])
-    return loss, (updates["batch_stats"], digit_loss, sum_loss)
-
-  (loss, (batch_stats, digit_loss, sum_loss)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  Pure: the new state, and scalar metrics (``loss`` and those of `objective`).
+  """
+  (loss, (batch_stats, metrics)), grads = jax.value_and_grad(
+      functools.partial(objective, state), has_aux=True)(state.params, batch)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  return state, {"loss": loss, "digit_loss": digit_loss, "sum_loss": sum_loss}
+  return state, {"loss": loss, **metrics}
 
 
 def train_batch(
@@ -246,21 +300,25 @@ def eval_step(
     image_index: jax.Array,
     numbers: jax.Array,
     digits: jax.Array,
+    *,
+    consistency_weight: float = 0.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Predictions and losses for the cases (image_index[b], numbers[b]) of digit digits[b].
 
-  Eval mode (running BatchNorm statistics). Jit it with ``apply_fn`` static;
-  `evaluate` feeds it fixed-size chunks.
+  Eval mode (running BatchNorm statistics). Jit it with ``apply_fn`` and
+  ``consistency_weight`` static; `evaluate` feeds it fixed-size chunks.
 
   Returns:
     ``(digit_pred, sum_pred, loss)``: int32 (B,) predictions, and float32 (B,)
-    each case's digit plus sum cross-entropy, whose mean over cases is the
-    training loss (`cross_entropy_loss`).
+    each case's digit plus sum cross-entropy plus ``consistency_weight`` times
+    its `consistency_loss`: the mean over cases is the training loss.
   """
   digit_logits, sum_logits = apply_fn(
       variables, model_lib.normalize_images(images_u8[image_index]), numbers, train=False)
   loss = (optax.softmax_cross_entropy_with_integer_labels(digit_logits, digits)
           + optax.softmax_cross_entropy_with_integer_labels(sum_logits, digits + numbers))
+  if consistency_weight:
+    loss = loss + consistency_weight * consistency_loss(digit_logits, sum_logits, numbers)
   return (jnp.argmax(digit_logits, -1).astype(jnp.int32),
           jnp.argmax(sum_logits, -1).astype(jnp.int32), loss)
 
@@ -492,7 +550,9 @@ def setup(config: Config, dataset: dict[str, np.ndarray]) -> tuple[Setup, TrainS
   model = model_lib.create_model(config)
   epoch_fn = epoch_function(config, batch_sharding)
   # Evaluation chunks split along `data` too; the outputs come back replicated.
-  eval_fn = jax.jit(functools.partial(eval_step, model.apply), out_shardings=replicated)
+  eval_fn = jax.jit(functools.partial(eval_step, model.apply,
+                                      consistency_weight=config.consistency_weight),
+                    out_shardings=replicated)
   eval_batch = -(-config.eval_batch_size // n_dev) * n_dev
   evaluate_ = functools.partial(evaluate, eval_fn, images_u8=test_x,
                                 labels=dataset["test_labels"], batch_size=eval_batch,

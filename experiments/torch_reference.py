@@ -179,9 +179,31 @@ def make_loader(
   )
 
 
-def loss_fn(digit_logits, sum_logits, digits, sums) -> torch.Tensor:
-  """Mean cross-entropy of the digit head plus that of the sum head."""
-  return F.cross_entropy(digit_logits, digits) + F.cross_entropy(sum_logits, sums)
+def consistency_loss(digit_logits, sum_logits, numbers) -> torch.Tensor:
+  """The heads' disagreement through sum = digit + number (`adder.train.consistency_loss`).
+
+  batchmean KL(sum head's ten possible sums, renormalised || digit head)
+  + KL(digit head moved up by the number || sum head's ten possible sums),
+  each target detached.
+  """
+  possible = numbers[:, None] + torch.arange(10, device=numbers.device)
+  log_digit = F.log_softmax(digit_logits, 1)
+  log_sum = F.log_softmax(sum_logits, 1).gather(1, possible)
+  log_sum_as_digit = F.log_softmax(sum_logits.gather(1, possible), 1)
+  to_digit = F.kl_div(log_digit, log_sum_as_digit.detach(), reduction="batchmean",
+                      log_target=True)
+  to_sum = F.kl_div(log_sum, log_digit.detach(), reduction="batchmean", log_target=True)
+  return to_digit + to_sum
+
+
+def loss_fn(digit_logits, sum_logits, digits, sums, consistency_weight: float = 0.0
+            ) -> torch.Tensor:
+  """Mean cross-entropy of the digit head plus that of the sum head, plus the
+  weighted `consistency_loss` (`Config.consistency_weight`)."""
+  loss = F.cross_entropy(digit_logits, digits) + F.cross_entropy(sum_logits, sums)
+  if consistency_weight:
+    loss = loss + consistency_weight * consistency_loss(digit_logits, sum_logits, sums - digits)
+  return loss
 
 
 @dataclasses.dataclass
@@ -197,6 +219,7 @@ class TorchRun:
   swa_momentum: float  # and their momentum (OneCycleLR's final)
   total_steps: int
   device: torch.device
+  consistency_weight: float = 0.0  # of the loss's consistency term
   step: int = 0  # optimizer steps taken
   last_lr: float = float("nan")  # learning rate of the last step taken
 
@@ -242,7 +265,7 @@ def create_run(
       model=model, optimizer=optimizer, scheduler=scheduler,
       swa_model=AveragedModel(model) if config.swa else None,
       swa_start=swa_start, swa_lr=swa_lr, swa_momentum=config.max_momentum,
-      total_steps=total_steps, device=device)
+      total_steps=total_steps, device=device, consistency_weight=config.consistency_weight)
 
 
 def train_step(run: TorchRun, images: torch.Tensor, numbers: torch.Tensor,
@@ -250,7 +273,7 @@ def train_step(run: TorchRun, images: torch.Tensor, numbers: torch.Tensor,
   """One optimizer step (then the schedule, then the average); the loss, unsynced."""
   run.model.train()
   digit_logits, sum_logits = run.model((images, numbers))
-  loss = loss_fn(digit_logits, sum_logits, digits, sums)
+  loss = loss_fn(digit_logits, sum_logits, digits, sums, run.consistency_weight)
   run.optimizer.zero_grad(set_to_none=True)
   loss.backward()
   run.last_lr = run.optimizer.param_groups[0]["lr"]

@@ -143,13 +143,13 @@ def jax_predict(variables, images_u8, numbers):
   return np.argmax(digit_logits, -1), np.argmax(sum_logits, -1)
 
 
-@jax.jit
-def jax_loss_and_grads(variables, images_u8, digits, numbers):
-  def loss_fn(params):
-    (digit_logits, sum_logits), _ = MODEL.apply(
-        {"params": params, "batch_stats": variables["batch_stats"]},
-        model_lib.normalize_images(images_u8), numbers, train=True, mutable=["batch_stats"])
-    return train_lib.cross_entropy_loss(digit_logits, sum_logits, digits, digits + numbers)[0]
+@functools.partial(jax.jit, static_argnames="consistency_weight")
+def jax_loss_and_grads(variables, images_u8, digits, numbers, consistency_weight=0.0):
+  """`train_step`'s objective and its gradients, through a TrainState of that weight."""
+  state = make_train_state(variables, RUN_TX, consistency_weight)
+  batch = train_lib.make_batch(images_u8, digits, jnp.arange(len(digits)), numbers)
+  return jax.value_and_grad(lambda params: train_lib.objective(state, params, batch)[0])(
+      state.params)
 
   return jax.value_and_grad(loss_fn)(variables["params"])
 
@@ -166,10 +166,13 @@ RUN_TX, _ = optim.create_optimizer(RUN_CONFIG, STEPS)
 NUM_TRAIN = 512  # fake training set; update_bn passes: 16 batches of 32, in order
 
 
-def make_train_state(variables: dict, tx: optax.GradientTransformation) -> train_lib.TrainState:
+def make_train_state(variables: dict, tx: optax.GradientTransformation,
+                     consistency_weight: float = CONFIG.consistency_weight
+                     ) -> train_lib.TrainState:
   return train_lib.TrainState.create(
       apply_fn=MODEL.apply, params=jax.tree_util.tree_map(jnp.asarray, variables["params"]),
-      batch_stats=jax.tree_util.tree_map(jnp.asarray, variables["batch_stats"]), tx=tx)
+      batch_stats=jax.tree_util.tree_map(jnp.asarray, variables["batch_stats"]), tx=tx,
+      consistency_weight=consistency_weight)
 
 
 def max_abs_diff(a, b) -> float:
@@ -255,18 +258,21 @@ def test_parity_forward_eval_and_train_mode():
 # --- 2. loss and gradients -----------------------------------------------------
 
 
-def torch_loss_and_grads(variables, images_u8, digits, numbers, dtype=torch.float32):
+def torch_loss_and_grads(variables, images_u8, digits, numbers, dtype=torch.float32,
+                         consistency_weight=0.0):
   model = torch_model(variables).to(dtype).train()
   images, t_numbers = torch_inputs(images_u8, numbers)
   digit_logits, sum_logits = model((images.to(dtype), t_numbers))
   t_digits = torch.from_numpy(digits.astype(np.int64))
-  loss = ref.loss_fn(digit_logits, sum_logits, t_digits, t_digits + t_numbers)
+  loss = ref.loss_fn(digit_logits, sum_logits, t_digits, t_digits + t_numbers,
+                     consistency_weight)
   loss.backward()
   grads = {name: p.grad.to(torch.float32) for name, p in model.named_parameters()}
   return loss.item(), convert.torch_state_dict_to_flax(grads)["params"]
 
 
-def test_parity_loss_and_every_gradient():
+@pytest.mark.parametrize("weight", [0.0, 0.7])  # the cross-entropies; with the consistency term
+def test_parity_loss_and_every_gradient(weight):
   # A batch of 8: PyTorch's own float32 conv-weight gradients (oneDNN, CPU)
   # carry rounding errors that grow with the batch (1.6e-5 against float64 at
   # a batch of 64, where JAX's are 1e-6); the float64 check below covers 64.
@@ -274,16 +280,18 @@ def test_parity_loss_and_every_gradient():
   images, digits = fake_digits(1, 8)
   numbers = np.random.default_rng(1).integers(0, 10, 8).astype(np.int32)
 
-  loss, grads = jax_loss_and_grads(variables, images, digits, numbers)
-  t_loss, t_grads = torch_loss_and_grads(variables, images, digits, numbers)
+  loss, grads = jax_loss_and_grads(variables, images, digits, numbers, weight)
+  t_loss, t_grads = torch_loss_and_grads(variables, images, digits, numbers,
+                                         consistency_weight=weight)
   chex.assert_trees_all_close(loss, t_loss, atol=1e-5, rtol=0.0)
   assert_close_abs_or_rel(grads, t_grads, atol=1e-5, rtol=1e-4)
 
   # A batch of 64 against PyTorch in float64: JAX's float32 gradients are right.
   images, digits = fake_digits(11, 64)
   numbers = np.random.default_rng(11).integers(0, 10, 64).astype(np.int32)
-  loss, grads = jax_loss_and_grads(variables, images, digits, numbers)
-  t_loss, t_grads = torch_loss_and_grads(variables, images, digits, numbers, torch.float64)
+  loss, grads = jax_loss_and_grads(variables, images, digits, numbers, weight)
+  t_loss, t_grads = torch_loss_and_grads(variables, images, digits, numbers, torch.float64,
+                                         weight)
   chex.assert_trees_all_close(loss, t_loss, atol=1e-5, rtol=0.0)
   assert_close_abs_or_rel(grads, t_grads, atol=1e-5, rtol=1e-4)
 

@@ -47,6 +47,57 @@ def test_loss_of_uniform_logits_is_log10_plus_log19():
   np.testing.assert_allclose([d, s, loss], [math.log(10), math.log(19), math.log(190)], rtol=1e-6)
 
 
+def _agreeing_heads(digit_logits, numbers):
+  """Sum logits that say what the digit logits say: number + digit, nothing else possible."""
+  possible = numbers[:, None] + jnp.arange(10)
+  sum_logits = jnp.full((len(numbers), 19), -1e9)
+  return sum_logits.at[jnp.arange(len(numbers))[:, None], possible].set(digit_logits + 3.0)
+
+
+def test_consistency_loss_is_zero_when_the_heads_agree():
+  rng = np.random.default_rng(0)
+  digit_logits = jnp.asarray(rng.normal(0, 2, (6, 10)), jnp.float32)
+  numbers = jnp.array([0, 9, 3, 5, 1, 7])
+  agree = train_lib.consistency_loss(digit_logits, _agreeing_heads(digit_logits, numbers), numbers)
+  chex.assert_shape(agree, (6,))
+  np.testing.assert_allclose(agree, 0.0, atol=1e-5)
+  sum_logits = jnp.asarray(rng.normal(0, 2, (6, 19)), jnp.float32)
+  assert np.all(train_lib.consistency_loss(digit_logits, sum_logits, numbers) > 1e-3)
+
+
+def test_consistency_loss_pulls_each_head_toward_the_other_held_fixed():
+  rng = np.random.default_rng(1)
+  digit_logits = jnp.asarray(rng.normal(0, 2, (5, 10)), jnp.float32)
+  sum_logits = jnp.asarray(rng.normal(0, 2, (5, 19)), jnp.float32)
+  numbers = jnp.array([0, 9, 4, 2, 6])
+  loss = lambda d, s: train_lib.consistency_loss(d, s, numbers).sum()
+  d_grad, s_grad = jax.grad(loss, argnums=(0, 1))(digit_logits, sum_logits)
+  # Cross-entropy toward a fixed target t has the gradient softmax(logits) - t.
+  possible = numbers[:, None] + jnp.arange(10)
+  rows = jnp.arange(5)[:, None]
+  sum_as_digit = jax.nn.softmax(sum_logits[rows, possible])  # the sum head's digits
+  digit_as_sum = jnp.zeros((5, 19)).at[rows, possible].set(jax.nn.softmax(digit_logits))
+  np.testing.assert_allclose(d_grad, jax.nn.softmax(digit_logits) - sum_as_digit, atol=1e-6)
+  np.testing.assert_allclose(s_grad, jax.nn.softmax(sum_logits) - digit_as_sum, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_train_step_objective_is_cross_entropy_plus_weighted_consistency(fake_mnist, weight):
+  state, _ = train_lib.create_train_state(TINY.replace(consistency_weight=weight),
+                                          jax.random.PRNGKey(0), 8)
+  assert state.consistency_weight == weight
+  batch = _batch(fake_mnist)
+  _, metrics = train_lib.train_step(state, batch)
+  (digit_logits, sum_logits), _ = state.apply_fn(
+      {"params": state.params, "batch_stats": state.batch_stats}, batch["image"],
+      batch["number"], train=True, mutable=["batch_stats"])
+  ce, _ = train_lib.cross_entropy_loss(digit_logits, sum_logits, batch["digit"], batch["sum"])
+  consistency = train_lib.consistency_loss(digit_logits, sum_logits, batch["number"]).mean()
+  assert float(consistency) > 1e-3  # untrained heads disagree
+  np.testing.assert_allclose(metrics["loss"], ce + weight * consistency, rtol=1e-5)
+  assert ("consistency_loss" in metrics) == (weight > 0)
+
+
 def test_make_batch_labels(fake_mnist):
   b = _batch(fake_mnist)
   chex.assert_shape(b["image"], (16, 28, 28, 1))
@@ -127,19 +178,22 @@ def test_short_run_loss_falls_and_learns(short_run):
   assert rows[-1]["test_loss"] < rows[0]["test_loss"]
 
 
-def test_evaluate_loss_is_the_training_loss_in_eval_mode(fake_mnist):
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_evaluate_loss_is_the_training_loss_in_eval_mode(fake_mnist, weight):
   model = model_lib.create_model(TINY)
   variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
   images, labels = jnp.asarray(fake_mnist["test_images"]), fake_mnist["test_labels"]
   index = np.arange(len(labels), dtype=np.int32)
   numbers = data_lib.test_numbers(len(labels), TINY.eval_seed)
-  eval_fn = jax.jit(functools.partial(train_lib.eval_step, model.apply))
+  eval_fn = jax.jit(functools.partial(train_lib.eval_step, model.apply,
+                                      consistency_weight=weight))
   # 64 cases in chunks of 48: the second chunk is padded, and its padding ignored.
   scores, (digit_pred, sum_pred) = train_lib.evaluate(
       eval_fn, variables, images, labels, index, numbers, batch_size=48)
   digit_logits, sum_logits = model.apply(
       variables, model_lib.normalize_images(images), jnp.asarray(numbers), train=False)
   expected, _ = train_lib.cross_entropy_loss(digit_logits, sum_logits, labels, labels + numbers)
+  expected += weight * train_lib.consistency_loss(digit_logits, sum_logits, numbers).mean()
   assert scores["loss"] == pytest.approx(float(expected), rel=1e-5)
   np.testing.assert_array_equal(digit_pred, np.argmax(digit_logits, -1))
   np.testing.assert_array_equal(sum_pred, np.argmax(sum_logits, -1))
@@ -193,6 +247,8 @@ def _cli(*args, env=None):
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--swa-lr", "0"], "--swa-lr must be a positive number"),
+    (["--consistency-weight", "-1"], "--consistency-weight must be a number >= 0"),
+    (["--consistency-weight", "nan"], "--consistency-weight must be a number >= 0"),
     (["--batch-size", "x"], "invalid int value"),
     (["--augment-shift", "-1"], "--augment-shift must be between 0 and 14"),
     (["--augment-rotate", "200"], "--augment-rotate must be between 0 and 180"),
@@ -203,6 +259,12 @@ def _cli(*args, env=None):
 def test_cli_rejects_bad_flags(args, message):
   r = _cli(*args)
   assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_recipe_flags_reach_the_config():
+  config, _ = train_lib.parse_args(["--consistency-weight", "0.25", "--swa-lr", "0.01"])
+  assert (config.consistency_weight, config.swa_lr) == (0.25, 0.01)
+  assert train_lib.parse_args([])[0] == Config()
 
 
 def test_cli_missing_dataset_is_one_clear_line(tmp_path):
