@@ -9,7 +9,9 @@ With one workdir: the results table (final and SWA weights on the fixed test
 pairs and the exhaustive set), the exhaustive set's joint accuracy for each
 integer with the share of right sums among right digits, and the per-epoch
 log. With several (runs of one recipe with different seeds): each run's joint
-accuracies and their mean and standard deviation. Everything is read from
+accuracies, then its exhaustive digit accuracy and share of right sums among
+right digits (a misread image, or the adder part wrong), each with the mean
+and standard deviation. Everything is read from
 ``results.json`` and ``metrics.jsonl``; only the mean and deviation are
 computed here.
 """
@@ -59,14 +61,15 @@ def by_number_table(results: dict) -> str:
 
 
 SEED_COLUMNS = (("final", "test"), ("final", "exhaustive"), ("swa", "test"), ("swa", "exhaustive"))
+# Where the joint errors come from, on the exhaustive set: the digit misread,
+# or the digit read right and the sum wrong.
+ADDER_COLUMNS = (("final", "digit_acc"), ("final", "sum_given_digit"),
+                 ("swa", "digit_acc"), ("swa", "sum_given_digit"))
 
 
-def seeds_table(runs: list[dict]) -> str:
-  """One row per run (its seed) of joint accuracies, then mean ± sample standard deviation."""
-  rows = ["| seed | final test joint | final exhaustive joint | SWA test joint | "
-          "SWA exhaustive joint |", "|---:|---:|---:|---:|---:|"]
-  columns = [[r[w][s]["joint_acc"] if w in r else float("nan") for w, s in SEED_COLUMNS]
-             for r in runs]
+def _per_seed_table(runs: list[dict], header: str, columns: list[list[float]]) -> str:
+  """One row per run (its seed) of `columns`' values, then mean ± sample standard deviation."""
+  rows = [f"| seed | {header} |", "|---:|" + "---:|" * len(columns[0])]
   for r, values in zip(runs, columns):
     rows.append(f"| {r['config']['seed']} | " + " | ".join(f"{v:.2%}" for v in values) + " |")
   cells = []
@@ -75,6 +78,22 @@ def seeds_table(runs: list[dict]) -> str:
     cells.append(f"**{statistics.mean(values):.2%} ± {std:.2%}**")
   rows.append("| mean ± std | " + " | ".join(cells) + " |")
   return "\n".join(rows)
+
+
+def seeds_table(runs: list[dict]) -> str:
+  """Each run's joint accuracies (final and SWA, test pairs and exhaustive set), mean ± std."""
+  columns = [[r[w][s]["joint_acc"] if w in r else float("nan") for w, s in SEED_COLUMNS]
+             for r in runs]
+  return _per_seed_table(runs, "final test joint | final exhaustive joint | SWA test joint | "
+                         "SWA exhaustive joint", columns)
+
+
+def adder_table(runs: list[dict]) -> str:
+  """Each run's exhaustive digit accuracy and sum right given digit right, mean ± std."""
+  columns = [[r[w]["exhaustive"].get(k, float("nan")) if w in r else float("nan")
+              for w, k in ADDER_COLUMNS] for r in runs]
+  return _per_seed_table(runs, "final digit | final sum right, digit right | SWA digit | "
+                         "SWA sum right, digit right", columns)
 
 
 def log_table(rows: list[dict]) -> str:
@@ -103,6 +122,8 @@ def main(argv=None) -> int:
       return 2
   if len(runs) > 1:
     print(seeds_table(runs))
+    print()
+    print(adder_table(runs))
     return 0
   print(results_table(runs[0]))
   by_number = by_number_table(runs[0])

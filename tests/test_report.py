@@ -46,6 +46,10 @@ def test_seeds_table_has_each_run_and_mean_and_sample_std(tmp_path):
   assert [l.split("|")[1].strip() for l in lines[2:5]] == ["0", "1", "2"]
   mean, std = statistics.mean([0.99, 0.991, 0.992]), statistics.stdev([0.99, 0.991, 0.992])
   assert f"**{mean:.2%} ± {std:.2%}**" in lines[5]
+  # Then the digit accuracy and sum-given-digit of each run, and their mean.
+  assert "| seed | final digit | final sum right, digit right |" in lines[7]
+  assert lines[9].startswith("| 0 | 99.00% | 99.90% | 99.00% | 99.90% |")
+  assert lines[12].startswith(f"| mean ± std | **{mean:.2%} ± {std:.2%}** | **99.90% ± 0.00%**")
 
 
 def test_one_run_has_the_by_integer_table(tmp_path):
