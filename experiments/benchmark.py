@@ -133,10 +133,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def benchmark_config(a: argparse.Namespace) -> Config:
   """The `Config` every pipeline trains with (seed replaced per run).
 
-  The recipe without augmentation: the PyTorch pipelines have none, so every
-  pipeline does the same work.
+  The original's recipe: no augmentation (the PyTorch pipelines have none, so
+  every pipeline does the same work) and the two cross-entropies alone.
   """
-  config = Config().without_augmentation().replace(epochs=a.epochs, batch_size=a.batch_size)
+  config = Config().without_augmentation().replace(
+      consistency_weight=0.0, epochs=a.epochs, batch_size=a.batch_size)
   if a.quick:
     config = config.replace(eval_batch_size=QUICK_EVAL_BATCH)
   return config
@@ -701,7 +702,8 @@ def render_markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) 
       "",
       "- Each pipeline runs in its own subprocess, one after the other, on the same data "
       "and `adder.config.Config` (model, batch size, epochs, optimizer, SWA), without "
-      "augmentation (the original's recipe, which the PyTorch pipelines follow).",
+      "augmentation or the consistency term (the original's recipe, which the PyTorch "
+      "pipelines follow).",
       "- Training throughput, training runs' epochs: the images of one epoch over the "
       "median of the per-epoch training times that the training runs log (below), "
       "epochs 2+ of every seed: many samples spread over each pipeline's runs, so the "

@@ -1,4 +1,4 @@
-"""The MNIST adder in plain PyTorch: the original recipe, for parity and baselines.
+"""The MNIST adder in plain PyTorch: the recipe without augmentation, for parity and baselines.
 
 Command (from the repository root):
 
@@ -19,7 +19,8 @@ submodule names match the Flax ones so that `adder.convert` maps weights one to
 one), the original data recipe (`MNISTAdder`, a Dataset drawing a fresh integer
 per ``__getitem__``, behind a DataLoader) and the same optimisation recipe as
 `adder.train`, every hyperparameter read from `adder.config.Config`:
-cross-entropy on both heads summed; ``SGD(momentum, weight_decay)`` stepped by
+cross-entropy on both heads summed, plus the consistency term when
+``consistency_weight`` is not 0 (``--consistency-weight 0``: the original's loss); ``SGD(momentum, weight_decay)`` stepped by
 ``OneCycleLR`` with momentum cycling; ``AveragedModel`` updated after every
 optimizer step from step ``round(swa_start_frac * total_steps)`` on (with
 ``swa_lr`` set, ``OneCycleLR`` spans the steps before it and the averaged
@@ -536,6 +537,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
   if a.threads is not None and a.threads < 1:
     p.error("--threads must be at least 1")
   # The original recipe has no augmentation, and neither has this reference.
+  # --consistency-weight 0 gives the original's loss too.
   return config_from_flags(p, a).without_augmentation(), a
 
 
