@@ -518,13 +518,14 @@ def test_parity_fifty_steps_end_to_end():
                        state_dict=convert.flax_to_torch_state_dict(variables, dtype=np.float64))
   t_images = ref.normalize_images(torch.from_numpy(images)).double()
   t_labels = torch.from_numpy(labels.astype(np.int64))
-  losses, t_losses, param_diffs = [], [], []
+  losses, t_losses, cross_entropies, param_diffs = [], [], [], []
   with jax.enable_x64(True):
     step_fn = jax.jit(train_lib.train_step)
     state = make_train_state(variables, RUN_TX)
     for idx, nums in zip(indices, numbers):
       state, metrics = step_fn(state, train_lib.make_batch(images, labels, idx, nums))
       losses.append(float(metrics["loss"]))
+      cross_entropies.append(float(metrics["digit_loss"] + metrics["sum_loss"]))
       idx, nums = torch.from_numpy(idx.astype(np.int64)), torch.from_numpy(nums.astype(np.int64))
       t_losses.append(float(ref.train_step(
           run, t_images[idx], nums, t_labels[idx], t_labels[idx] + nums)))
@@ -537,8 +538,10 @@ def test_parity_fifty_steps_end_to_end():
     assert state.params["conv0"]["kernel"].dtype == np.float64
     assert run.step == run.total_steps == STEPS
     chex.assert_trees_all_close(np.asarray(losses), np.asarray(t_losses), atol=1e-5, rtol=0.0)
-    # It learned: equal parameters are not equal by standing still.
-    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    # It learned: equal parameters are not equal by standing still. (The
+    # cross-entropies: in these 50 steps the consistency term rises, from
+    # about 0.66 to 1.1, as the heads grow confident.)
+    assert np.mean(cross_entropies[-5:]) < 0.8 * np.mean(cross_entropies[:5])
 
     # Identical predictions on a held-out batch.
     predictions = jax_predict({"params": state.params, "batch_stats": state.batch_stats},
