@@ -15,6 +15,11 @@ from typing import Any, Optional
 # Evaluation chunks change no prediction, and each case's loss is its own.
 NOT_RUN_FIELDS = ("mnist_dir", "data_dir", "require_gpu", "eval_batch_size", "save_every_s")
 
+# Fields added after runs had been saved, with the value that a saved config
+# without them ran with (their defaults may differ): `Config.from_dict`.
+ADDED_FIELDS = {"augment_scale": 0.0, "plain_last_epochs": 0, "swa_lr": None,
+                "consistency_weight": 0.0}
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -118,8 +123,13 @@ class Config:
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "Config":
+    """The config of a saved ``to_dict``; unknown keys are dropped.
+
+    A field missing from it takes the value the saved run had (`ADDED_FIELDS`),
+    else its default: a run saved before a field existed resumes unchanged.
+    """
     known = {f.name for f in dataclasses.fields(cls)}
-    d = {k: v for k, v in d.items() if k in known}
+    d = {**ADDED_FIELDS, **{k: v for k, v in d.items() if k in known}}
     if "conv_features" in d:
       d["conv_features"] = tuple(d["conv_features"])
     return cls(**d)

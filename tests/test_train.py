@@ -464,6 +464,17 @@ def test_run_differences_ignore_where_the_data_is():
       "lr": (0.05, 0.1), "swa": (True, False)}
 
 
+def test_a_config_saved_before_a_field_existed_reads_as_it_ran():
+  saved = Config().to_dict()
+  for name in ("augment_scale", "consistency_weight", "plain_last_epochs", "swa_lr"):
+    del saved[name]
+  old = Config.from_dict({**saved, "unknown_field": 1})
+  assert (old.augment_scale, old.consistency_weight, old.plain_last_epochs, old.swa_lr) == (
+      0.0, 0.0, 0, None)
+  assert Config().consistency_weight > 0 and Config().augment_scale > 0  # not the defaults
+  assert Config.from_dict(Config().to_dict()) == Config()
+
+
 def test_cli_refuses_a_workdir_of_another_config(fake_mnist, tmp_path):
   workdir = str(tmp_path / "run")
   saved = Config(epochs=1, batch_size=32)
