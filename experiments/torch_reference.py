@@ -20,8 +20,9 @@ one), the original data recipe (`MNISTAdder`, a Dataset drawing a fresh integer
 per ``__getitem__``, behind a DataLoader) and the same optimisation recipe as
 `adder.train`, every hyperparameter read from `adder.config.Config`:
 cross-entropy on both heads summed, plus the consistency term when
-``consistency_weight`` is not 0 (``--consistency-weight 0``: the original's loss); ``SGD(momentum, weight_decay)`` stepped by
-``OneCycleLR`` with momentum cycling; ``AveragedModel`` updated after every
+``consistency_weight`` is not 0 (``--consistency-weight 0``: the original's
+loss); ``SGD(momentum, weight_decay)`` stepped by ``OneCycleLR`` with momentum
+cycling; ``AveragedModel`` updated after every
 optimizer step from step ``round(swa_start_frac * total_steps)`` on (with
 ``swa_lr`` set, ``OneCycleLR`` spans the steps before it and the averaged
 steps run at ``swa_lr``), then ``update_bn`` over the training set in order.
