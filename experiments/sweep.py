@@ -35,7 +35,8 @@ Commands (what produced the tables in README.md):
 
 Each grid item is one run per seed: ``FIELD=VALUE[,FIELD=VALUE...]``
 overrides of the default `Config` (``BATCH:LR`` is short for
-``batch_size=BATCH,lr=LR``). The table gives each run's accuracies on the
+``batch_size=BATCH,lr=LR``; a tuple's items are joined by ``x``, as in
+``conv_features=16x16x24x24x20``). The table gives each run's accuracies on the
 fixed test pairs and the exhaustive set, for the final weights and, with SWA,
 the averaged ones. With several ``--seeds``, a second table gives each item's
 exhaustive joint accuracy as the mean ± sample standard deviation over them.
@@ -82,11 +83,19 @@ def parse_item(item: str, base: Config) -> Config:
 
 
 def _parse_value(kind, value: str):
-  """`value` as a field of type `kind`; ``none`` for an Optional field's None."""
+  """`value` as a field of type `kind`; ``none`` for an Optional field's None.
+
+  A tuple field takes its items joined by ``x``: ``conv_features=16x16x24x24x20``
+  (a grid item's fields are already separated by commas, and its name becomes
+  a folder's).
+  """
   if typing.get_origin(kind) is typing.Union:  # Optional[X]
     if value.lower() == "none":
       return None
     (kind,) = [k for k in typing.get_args(kind) if k is not type(None)]
+  if typing.get_origin(kind) is tuple:  # tuple[int, ...]
+    item = typing.get_args(kind)[0]
+    return tuple(item(v) for v in value.split("x"))
   return (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
 
 

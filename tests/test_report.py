@@ -71,7 +71,9 @@ def test_sweep_grid_items():
   assert (c.augment_shift_px, c.augment_rotate_deg, c.swa) == (3.0, 15.0, False)
   assert sweep.parse_item("swa_lr=0.02", base).swa_lr == 0.02  # an Optional[float] field
   assert sweep.parse_item("swa_lr=none", base.replace(swa_lr=0.1)).swa_lr is None
-  for bad in ("nonsense=1", "lr", "lr=", "swa_lr=fast"):
+  c = sweep.parse_item("conv_features=16x16x24x24x20,hidden_features=40", base)
+  assert (c.conv_features, c.hidden_features) == ((16, 16, 24, 24, 20), 40)
+  for bad in ("nonsense=1", "lr", "lr=", "swa_lr=fast", "conv_features=16x16x"):
     with pytest.raises(ValueError):
       sweep.parse_item(bad, base)
 
