@@ -7,21 +7,26 @@ Commands (from the repository root):
   python experiments/conv_probe.py OUT.json --cpu-forms      # README's CPU convolution forms
   python experiments/conv_probe.py OUT.json --cpu-devices 1,2  # README's CPU device counts
   python experiments/conv_probe.py OUT.json --cpu-pinned       # README's one core against two
+  python experiments/conv_probe.py OUT.json --cpu-layers       # README's layers, XLA against PyTorch
 
 With ``--augment`` it times the default recipe (augmented) against the same
 recipe without augmentation, then augmented again, instead. With
-``--cpu-forms`` it compiles four trainers in one process, the model as it is
+``--cpu-forms`` it compiles five trainers in one process, the model as it is
 and with one part in another form (the kernel gradient as one convolution
 instead of chunks of the batch; the first layer as XLA's convolution instead
 of one matrix product; max pooling's gradient left to JAX's autodiff of the
-reduction), then times one epoch of each in turn, four rounds. With
+reduction; BatchNorm left out, its scale and shift kept: another model, an
+upper bound on what its statistics cost), then times one epoch of each in
+turn, four rounds. With
 ``--cpu-devices`` it runs one subprocess per CPU device count
 (``JAX_NUM_CPU_DEVICES``; more than one runs each single-threaded,
 ``--xla_cpu_multi_thread_eigen=false``), in turn, twice. With ``--cpu-pinned``
 it runs one single-threaded subprocess pinned to the first core, then two at
 once, pinned to the first and the second, then the model as it is, unpinned.
 All but ``--augment`` time the recipe without augmentation, as the benchmark
-does.
+does. With ``--cpu-layers`` it times each convolution of the model alone, at
+the training batch, in turn with PyTorch's on the same shapes (see
+`cpu_layers`).
 
 `adder.model.conv_valid` states both convolution gradients as plain forward
 convolutions (a `jax.custom_vjp`), for XLA:CPU's sake. This times a steady
@@ -38,7 +43,9 @@ import sys
 import time
 from typing import Optional
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
@@ -84,12 +91,34 @@ def _epoch(s, state, epoch: int):
   return state, time.perf_counter() - t0
 
 
+class ScaleShiftOnly(nn.Module):
+  """`adder.model.BatchNorm`'s variables with its scale and shift but no normalisation.
+
+  Another model: in `CPU_FORMS` it bounds what BatchNorm's statistics and
+  their gradients cost a step.
+  """
+
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    del train
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    return x * scale + bias
+
+
 # (form, name in adder.model, its replacement while tracing); None: the model as it is.
 CPU_FORMS = (
     ("as_is", None, None),
     ("kernel_grad_whole", "_kernel_grad_chunked", model_lib._kernel_grad),
     ("first_layer_xla_conv", "_conv_windows", model_lib._conv),
     ("pool_autodiff", "max_pool_2x2", autodiff_max_pool),
+    ("batchnorm_left_out", "BatchNorm", ScaleShiftOnly),
 )
 
 
@@ -121,6 +150,93 @@ def cpu_forms(dataset, rounds: int = 4) -> dict:
   return {form: {"first_epoch_s": round(first, 3), "epoch_s": [round(t, 4) for t in times],
                  "median_epoch_s": round(float(np.median(times)), 4)}
           for form, (_, _, first, times) in runs.items()}
+
+
+def _median_ms(fn, calls: int = 20, rounds: int = 7) -> float:
+  """Median over `rounds` of the mean milliseconds of `calls` calls of `fn` (after one warm-up)."""
+  fn()
+  times = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    for _ in range(calls):
+      fn()
+    times.append((time.perf_counter() - t0) / calls)
+  return round(float(np.median(times)) * 1e3, 3)
+
+
+def conv_layer_shapes(config: Config) -> list[tuple[int, int, int]]:
+  """(input side, input channels, output channels) of each 3x3 VALID convolution of the model."""
+  side, channels, shapes = 28, 1, []
+  for i, features in enumerate(config.conv_features):
+    shapes.append((side, channels, features))
+    side, channels = side - 2, features
+    if i in (1, 3):  # max pooling after the 2nd and 4th blocks, as in `adder.model.AdderNet`
+      side //= 2
+  return shapes
+
+
+def cpu_layers(batch: int, config: Config = Config()) -> dict:
+  """Each convolution of the model at `batch`: XLA's time against PyTorch's, in turn, one process.
+
+  JAX: `adder.model.conv_valid` jitted alone (forward), and its forward with
+  the gradients training needs (the kernel's, and the input's except for the
+  first layer, whose input is the image) in one jit. PyTorch: ``nn.Conv2d``
+  (bias-free, as the reference) forward, and forward + ``backward``, in NCHW
+  and in channels-last memory, with as many threads as usable cores.
+  Milliseconds per call, the median of seven rounds; printed as a table
+  (`layers_table`) at the end.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(devices.usable_cores())
+  out = {"batch": batch, "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+  rng = np.random.default_rng(0)
+  for side, ci, co in conv_layer_shapes(config):
+    x = rng.standard_normal((batch, side, side, ci), dtype=np.float32)
+    k = rng.standard_normal((3, 3, ci, co), dtype=np.float32) * 0.1
+    g = rng.standard_normal((batch, side - 2, side - 2, co), dtype=np.float32)
+    argnums = (1,) if ci == 1 else (0, 1)
+
+    def grads(x, k, g, argnums=argnums):
+      return jax.grad(lambda *a: jnp.vdot(model_lib.conv_valid(*a), g), argnums)(x, k)
+
+    fwd, both = jax.jit(model_lib.conv_valid), jax.jit(grads)
+    xj, kj, gj = jnp.asarray(x), jnp.asarray(k), jnp.asarray(g)
+    row = {"jax_forward_ms": _median_ms(lambda: fwd(xj, kj).block_until_ready()),
+           "jax_forward_and_grads_ms": _median_ms(
+               lambda: jax.block_until_ready(both(xj, kj, gj)))}
+    for layout, memory in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+      conv = torch.nn.Conv2d(ci, co, 3, bias=False).to(memory_format=memory)
+      xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=memory)
+      xt.requires_grad_(ci > 1)
+      gt = torch.from_numpy(g).permute(0, 3, 1, 2).contiguous(memory_format=memory)
+
+      def forward_backward(conv=conv, xt=xt, gt=gt):
+        conv(xt).backward(gt)
+
+      with torch.no_grad():
+        row[f"torch_{layout}_forward_ms"] = _median_ms(lambda conv=conv, xt=xt: conv(xt))
+      row[f"torch_{layout}_forward_and_grads_ms"] = _median_ms(forward_backward)
+    out[f"{side}x{side}x{ci}->{co}"] = row
+    print(f"{side}x{side}x{ci}->{co}", row, flush=True)
+  print(layers_table(out), flush=True)
+  return out
+
+
+def layers_table(result: dict) -> str:
+  """`cpu_layers`' figures as a markdown table, a row per layer and a row of totals."""
+  columns = ("jax_forward_ms", "torch_nchw_forward_ms", "torch_channels_last_forward_ms",
+             "jax_forward_and_grads_ms", "torch_nchw_forward_and_grads_ms",
+             "torch_channels_last_forward_and_grads_ms")
+  lines = ["| layer (input, channels) | XLA forward | PyTorch forward, NCHW | PyTorch forward, "
+           "channels-last | XLA forward + grads | PyTorch forward + grads, NCHW | PyTorch "
+           "forward + grads, channels-last |", "|---" + "|---:" * len(columns) + "|"]
+  rows = {k: v for k, v in result.items() if "->" in k}
+  for name, row in rows.items():
+    lines.append(f"| {name} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
+  totals = [sum(row[c] for row in rows.values()) for c in columns]
+  lines.append("| all layers | " + " | ".join(f"{t:.2f}" for t in totals) + " |")
+  return "\n".join(lines)
 
 
 def _env_without_cpu_choices() -> dict:
@@ -175,7 +291,12 @@ def cpu_pinned(out_path: str) -> dict:
 
 def main(out_path: str, augment: bool = False, forms: bool = False,
          devices_: Optional[list[int]] = None, as_is: bool = False,
-         pinned: bool = False) -> None:
+         pinned: bool = False, layers: bool = False) -> None:
+  if layers:
+    with open(out_path, "w") as f:
+      json.dump({"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
+                 **cpu_layers(Config().batch_size)}, f, indent=1)
+    return
   if pinned:
     with open(out_path, "w") as f:
       json.dump({"jax": jax.__version__, "cores": sorted(os.sched_getaffinity(0)),
@@ -223,4 +344,4 @@ if __name__ == "__main__":
   if counts is None and not pinned:  # those parents start no backend of their own
     print(devices.configure_cpu_devices(Config().batch_size), flush=True)  # as adder.train
   main(sys.argv[1], augment="--augment" in args, forms="--cpu-forms" in args,
-       devices_=counts, as_is="--as-is" in args, pinned=pinned)
+       devices_=counts, as_is="--as-is" in args, pinned=pinned, layers="--cpu-layers" in args)

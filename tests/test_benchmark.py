@@ -9,8 +9,12 @@ import json
 import math
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+from adder import model as model_lib
+from adder.config import Config
 from conftest import REPO
 
 
@@ -86,3 +90,39 @@ def test_write_section_replaces_only_its_own_section(tmp_path):
   assert "new" in text and "old" not in text and "kept" in text
   assert text.count("<!-- benchmark:cpu:begin -->") == 1
   assert text.index("## CPU") < text.index("## GPU")
+
+
+def test_conv_probe_layer_shapes_are_the_models():
+  """`conv_probe --cpu-layers` times the convolutions the model runs, no others."""
+  sys.path.insert(0, str(REPO / "experiments"))
+  import conv_probe  # pylint: disable=g-import-not-at-top
+
+  config = Config()
+  model = model_lib.create_model(config)
+  variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
+  images, numbers = jnp.zeros((2, 28, 28, 1)), jnp.zeros((2,), jnp.int32)
+  _, state = model.apply(variables, images, numbers, train=False,
+                         capture_intermediates=lambda m, _: isinstance(m, model_lib.Conv))
+  seen = []
+  for i in range(len(config.conv_features)):
+    out = state["intermediates"][f"conv{i}"]["__call__"][0]
+    kernel = variables["params"][f"conv{i}"]["kernel"]
+    seen.append((out.shape[1] + 2, kernel.shape[2], kernel.shape[3]))
+  assert conv_probe.conv_layer_shapes(config) == seen == [
+      (28, 1, 16), (26, 16, 16), (12, 16, 16), (10, 16, 16), (4, 16, 20)]
+
+
+def test_conv_probe_layers_table_sums_the_layers():
+  sys.path.insert(0, str(REPO / "experiments"))
+  import conv_probe  # pylint: disable=g-import-not-at-top
+
+  columns = ("jax_forward_ms", "torch_nchw_forward_ms", "torch_channels_last_forward_ms",
+             "jax_forward_and_grads_ms", "torch_nchw_forward_and_grads_ms",
+             "torch_channels_last_forward_and_grads_ms")
+  result = {"batch": 128, "torch_threads": 2,
+            "28x28x1->16": {c: 1.0 + i for i, c in enumerate(columns)},
+            "26x26x16->16": {c: 0.5 for c in columns}}
+  lines = conv_probe.layers_table(result).splitlines()
+  assert len(lines) == 2 + 2 + 1  # header, rule, two layers, totals
+  assert lines[2].startswith("| 28x28x1->16 | 1.00 | 2.00 |")
+  assert lines[-1] == "| all layers | 1.50 | 2.50 | 3.50 | 4.50 | 5.50 | 6.50 |"
