@@ -178,9 +178,9 @@ def conv_layer_shapes(config: Config) -> list[tuple[int, int, int]]:
 def cpu_layers(batch: int, config: Config = Config()) -> dict:
   """Each convolution of the model at `batch`: XLA's time against PyTorch's, in turn, one process.
 
-  JAX: `adder.model.conv_valid` jitted alone (forward), and its forward with
+  JAX: `adder.model.conv_valid` jitted alone (forward), and its output with
   the gradients training needs (the kernel's, and the input's except for the
-  first layer, whose input is the image) in one jit. PyTorch: ``nn.Conv2d``
+  first layer, whose input is the image) from one jit of ``jax.vjp``. PyTorch: ``nn.Conv2d``
   (bias-free, as the reference) forward, and forward + ``backward``, in NCHW
   and in channels-last memory, with as many threads as usable cores.
   Milliseconds per call, the median of seven rounds; printed as a table
@@ -195,12 +195,13 @@ def cpu_layers(batch: int, config: Config = Config()) -> dict:
     x = rng.standard_normal((batch, side, side, ci), dtype=np.float32)
     k = rng.standard_normal((3, 3, ci, co), dtype=np.float32) * 0.1
     g = rng.standard_normal((batch, side - 2, side - 2, co), dtype=np.float32)
-    argnums = (1,) if ci == 1 else (0, 1)
 
-    def grads(x, k, g, argnums=argnums):
-      return jax.grad(lambda *a: jnp.vdot(model_lib.conv_valid(*a), g), argnums)(x, k)
+    def forward_and_grads(x, k, g, first=ci == 1):
+      y, pullback = jax.vjp(model_lib.conv_valid, x, k)
+      dx, dk = pullback(g)
+      return (y, dk) if first else (y, dx, dk)
 
-    fwd, both = jax.jit(model_lib.conv_valid), jax.jit(grads)
+    fwd, both = jax.jit(model_lib.conv_valid), jax.jit(forward_and_grads)
     xj, kj, gj = jnp.asarray(x), jnp.asarray(k), jnp.asarray(g)
     row = {"jax_forward_ms": _median_ms(lambda: fwd(xj, kj).block_until_ready()),
            "jax_forward_and_grads_ms": _median_ms(
