@@ -180,11 +180,12 @@ def cpu_layers(batch: int, config: Config = Config()) -> dict:
 
   JAX: `adder.model.conv_valid` jitted alone (forward), and its output with
   the gradients training needs (the kernel's, and the input's except for the
-  first layer, whose input is the image) from one jit of ``jax.vjp``. PyTorch: ``nn.Conv2d``
-  (bias-free, as the reference) forward, and forward + ``backward``, in NCHW
-  and in channels-last memory, with as many threads as usable cores.
-  Milliseconds per call, the median of seven rounds; printed as a table
-  (`layers_table`) at the end.
+  first layer, whose input is the image) from one jit of ``jax.vjp``.
+  PyTorch: ``nn.Conv2d`` (bias-free, as the reference) forward, and forward
+  + ``backward``, in NCHW and in channels-last memory, with as many threads
+  as usable cores. Milliseconds per call, the median of seven rounds;
+  printed as a table (`layers_table`) at the end. A lone jitted op is not
+  what a training step pays for it: inside the epoch XLA fuses and overlaps.
   """
   import torch  # pylint: disable=g-import-not-at-top
 
