@@ -7,7 +7,7 @@ Commands (from the repository root):
   python experiments/conv_probe.py OUT.json --cpu-forms      # README's CPU convolution forms
   python experiments/conv_probe.py OUT.json --cpu-devices 1,2  # README's CPU device counts
   python experiments/conv_probe.py OUT.json --cpu-pinned       # README's one core against two
-  python experiments/conv_probe.py OUT.json --cpu-layers       # README's layers, XLA against PyTorch
+  python experiments/conv_probe.py OUT.json --cpu-layers       # README's layers, XLA vs PyTorch
 
 With ``--augment`` it times the default recipe (augmented) against the same
 recipe without augmentation, then augmented again, instead. With
@@ -207,7 +207,8 @@ def cpu_layers(batch: int, config: Config = Config()) -> dict:
     row = {"jax_forward_ms": _median_ms(lambda: fwd(xj, kj).block_until_ready()),
            "jax_forward_and_grads_ms": _median_ms(
                lambda: jax.block_until_ready(both(xj, kj, gj)))}
-    for layout, memory in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+    for layout, memory in (("nchw", torch.contiguous_format),
+                           ("channels_last", torch.channels_last)):
       conv = torch.nn.Conv2d(ci, co, 3, bias=False).to(memory_format=memory)
       xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=memory)
       xt.requires_grad_(ci > 1)
