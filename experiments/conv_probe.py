@@ -165,13 +165,21 @@ def _median_ms(fn, calls: int = 20, rounds: int = 7) -> float:
 
 
 def conv_layer_shapes(config: Config) -> list[tuple[int, int, int]]:
-  """(input side, input channels, output channels) of each 3x3 VALID convolution of the model."""
-  side, channels, shapes = 28, 1, []
-  for i, features in enumerate(config.conv_features):
-    shapes.append((side, channels, features))
-    side, channels = side - 2, features
-    if i in (1, 3):  # max pooling after the 2nd and 4th blocks, as in `adder.model.AdderNet`
-      side //= 2
+  """(input side, input channels, output channels) of each convolution of `config`'s model.
+
+  Read from the model itself: its `adder.model.Conv` calls, recorded while
+  ``jax.eval_shape`` traces an initialisation (nothing is computed).
+  """
+  shapes = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, model_lib.Conv) and context.method_name == "__call__":
+      shapes.append((args[0].shape[1], args[0].shape[-1], context.module.features))
+    return next_fun(*args, **kwargs)
+
+  model = model_lib.create_model(config)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.PRNGKey(0)))
   return shapes
 
 
@@ -226,11 +234,15 @@ def cpu_layers(batch: int, config: Config = Config()) -> dict:
   return out
 
 
+# `cpu_layers`' figures for each layer, in `layers_table`'s column order.
+LAYER_COLUMNS = ("jax_forward_ms", "torch_nchw_forward_ms", "torch_channels_last_forward_ms",
+                 "jax_forward_and_grads_ms", "torch_nchw_forward_and_grads_ms",
+                 "torch_channels_last_forward_and_grads_ms")
+
+
 def layers_table(result: dict) -> str:
   """`cpu_layers`' figures as a markdown table, a row per layer and a row of totals."""
-  columns = ("jax_forward_ms", "torch_nchw_forward_ms", "torch_channels_last_forward_ms",
-             "jax_forward_and_grads_ms", "torch_nchw_forward_and_grads_ms",
-             "torch_channels_last_forward_and_grads_ms")
+  columns = LAYER_COLUMNS
   lines = ["| layer (input, channels) | XLA forward | PyTorch forward, NCHW | PyTorch forward, "
            "channels-last | XLA forward + grads | PyTorch forward + grads, NCHW | PyTorch "
            "forward + grads, channels-last |", "|---" + "|---:" * len(columns) + "|"]

@@ -92,11 +92,15 @@ def test_write_section_replaces_only_its_own_section(tmp_path):
   assert text.index("## CPU") < text.index("## GPU")
 
 
-def test_conv_probe_layer_shapes_are_the_models():
-  """`conv_probe --cpu-layers` times the convolutions the model runs, no others."""
+def _load_conv_probe():
   sys.path.insert(0, str(REPO / "experiments"))
   import conv_probe  # pylint: disable=g-import-not-at-top
+  return conv_probe
 
+
+def test_conv_probe_layer_shapes_are_the_models():
+  """`conv_probe --cpu-layers` times the convolutions the model runs, no others."""
+  conv_probe = _load_conv_probe()
   config = Config()
   model = model_lib.create_model(config)
   variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
@@ -113,12 +117,8 @@ def test_conv_probe_layer_shapes_are_the_models():
 
 
 def test_conv_probe_layers_table_sums_the_layers():
-  sys.path.insert(0, str(REPO / "experiments"))
-  import conv_probe  # pylint: disable=g-import-not-at-top
-
-  columns = ("jax_forward_ms", "torch_nchw_forward_ms", "torch_channels_last_forward_ms",
-             "jax_forward_and_grads_ms", "torch_nchw_forward_and_grads_ms",
-             "torch_channels_last_forward_and_grads_ms")
+  conv_probe = _load_conv_probe()
+  columns = conv_probe.LAYER_COLUMNS
   result = {"batch": 128, "torch_threads": 2,
             "28x28x1->16": {c: 1.0 + i for i, c in enumerate(columns)},
             "26x26x16->16": {c: 0.5 for c in columns}}
