@@ -18,7 +18,7 @@ NOT_RUN_FIELDS = ("mnist_dir", "data_dir", "require_gpu", "eval_batch_size", "sa
 # Fields added after runs had been saved, with the value that a saved config
 # without them ran with (their defaults may differ): `Config.from_dict`.
 ADDED_FIELDS = {"augment_scale": 0.0, "plain_last_epochs": 0, "swa_lr": None,
-                "consistency_weight": 0.0}
+                "consistency_weight": 0.0, "augment_elastic_px": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +45,11 @@ class Config:
   augment_shift_px: float = 1.0
   augment_rotate_deg: float = 10.0
   augment_scale: float = 0.1
+  # An elastic distortion on top: a smooth random displacement field whose
+  # standard deviation along each axis is augment_elastic_px pixels, smoothed
+  # by a Gaussian of std augment_elastic_sigma pixels (0 px: none).
+  augment_elastic_px: float = 0.0
+  augment_elastic_sigma: float = 4.0
   # The last this many epochs train on the images as they are (0: every epoch
   # augmented); nothing changes without augmentation.
   plain_last_epochs: int = 0
@@ -99,7 +104,8 @@ class Config:
   @property
   def augment(self) -> bool:
     """Whether training images are augmented."""
-    return self.augment_shift_px > 0 or self.augment_rotate_deg > 0 or self.augment_scale > 0
+    return (self.augment_shift_px > 0 or self.augment_rotate_deg > 0 or self.augment_scale > 0
+            or self.augment_elastic_px > 0)
 
   def without_augmentation(self) -> "Config":
     """This recipe with the training images as they are (the PyTorch reference's).
@@ -107,7 +113,7 @@ class Config:
     The loss is kept: ``replace(consistency_weight=0)`` gives the original's.
     """
     return self.replace(augment_shift_px=0.0, augment_rotate_deg=0.0, augment_scale=0.0,
-                        plain_last_epochs=0)
+                        augment_elastic_px=0.0, plain_last_epochs=0)
 
   def augments_epoch(self, epoch: int) -> bool:
     """Whether 1-based `epoch` trains on augmented images."""

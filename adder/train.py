@@ -76,7 +76,9 @@ def create_augment(config: Config) -> Optional[Augment]:
   if not config.augment:
     return None
   return functools.partial(augment_lib.random_affine, shift_px=config.augment_shift_px,
-                           rotate_deg=config.augment_rotate_deg, scale=config.augment_scale)
+                           rotate_deg=config.augment_rotate_deg, scale=config.augment_scale,
+                           elastic_px=config.augment_elastic_px,
+                           elastic_sigma=config.augment_elastic_sigma)
 
 
 class TrainState(train_state.TrainState):
@@ -983,6 +985,15 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
   p.add_argument("--augment-scale", type=float, default=d.augment_scale, metavar="FRACTION",
                  help="largest random change of a training image's size either way, "
                       "e.g. 0.1 for 90-110%% (default: %(default)s)")
+  p.add_argument("--augment-elastic", type=float, default=d.augment_elastic_px,
+                 metavar="PIXELS",
+                 help="standard deviation of a smooth random displacement of a training "
+                      "image's pixels along each axis, an elastic distortion (0: none; "
+                      "default: %(default)s)")
+  p.add_argument("--augment-elastic-sigma", type=float, default=d.augment_elastic_sigma,
+                 metavar="PIXELS",
+                 help="smoothness of that displacement: the std of the Gaussian that "
+                      "smooths its noise (default: %(default)s)")
   p.add_argument("--plain-last-epochs", type=int, default=d.plain_last_epochs, metavar="N",
                  help="train the last N epochs on the images as they are "
                       "(default: %(default)s)")
@@ -1002,15 +1013,19 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
     p.error("--save-every must be 0 or more seconds")
   for flag, value, most in (("--augment-shift", a.augment_shift, 14),
                             ("--augment-rotate", a.augment_rotate, 180),
-                            ("--augment-scale", a.augment_scale, 0.5)):
+                            ("--augment-scale", a.augment_scale, 0.5),
+                            ("--augment-elastic", a.augment_elastic, 5)):
     if not 0 <= value <= most:
       p.error(f"{flag} must be between 0 and {most}")
+  if not 0.5 <= a.augment_elastic_sigma <= 14:
+    p.error("--augment-elastic-sigma must be between 0.5 and 14")
   if not 0 <= a.plain_last_epochs <= a.epochs:
     p.error("--plain-last-epochs must be between 0 and --epochs")
   config = config_from_flags(p, a).replace(
       require_gpu=a.require_gpu, save_every_s=a.save_every,
       augment_shift_px=a.augment_shift, augment_rotate_deg=a.augment_rotate,
-      augment_scale=a.augment_scale, plain_last_epochs=a.plain_last_epochs)
+      augment_scale=a.augment_scale, augment_elastic_px=a.augment_elastic,
+      augment_elastic_sigma=a.augment_elastic_sigma, plain_last_epochs=a.plain_last_epochs)
   if a.no_augment:
     config = config.without_augmentation()
   return config, a

@@ -255,6 +255,8 @@ def _cli(*args, env=None):
     (["--augment-shift", "-1"], "--augment-shift must be between 0 and 14"),
     (["--augment-rotate", "200"], "--augment-rotate must be between 0 and 180"),
     (["--augment-scale", "0.6"], "--augment-scale must be between 0 and 0.5"),
+    (["--augment-elastic", "-0.5"], "--augment-elastic must be between 0 and 5"),
+    (["--augment-elastic-sigma", "0"], "--augment-elastic-sigma must be between 0.5 and 14"),
     (["--epochs", "2", "--plain-last-epochs", "3"],
      "--plain-last-epochs must be between 0 and --epochs"),
 ])
@@ -264,8 +266,10 @@ def test_cli_rejects_bad_flags(args, message):
 
 
 def test_cli_recipe_flags_reach_the_config():
-  config, _ = train_lib.parse_args(["--consistency-weight", "0.25", "--swa-lr", "0.01"])
+  config, _ = train_lib.parse_args(["--consistency-weight", "0.25", "--swa-lr", "0.01",
+                                    "--augment-elastic", "0.5", "--augment-elastic-sigma", "3"])
   assert (config.consistency_weight, config.swa_lr) == (0.25, 0.01)
+  assert (config.augment_elastic_px, config.augment_elastic_sigma) == (0.5, 3.0)
   assert train_lib.parse_args([])[0] == Config()
 
 
