@@ -126,3 +126,24 @@ def test_conv_probe_layers_table_sums_the_layers():
   assert len(lines) == 2 + 2 + 1  # header, rule, two layers, totals
   assert lines[2].startswith("| 28x28x1->16 | 1.00 | 2.00 |")
   assert lines[-1] == "| all layers | 1.50 | 2.50 | 3.50 | 4.50 | 5.50 | 6.50 |"
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's own library choice")
+def test_conv_probe_options_take_convolutions_from_ynnpack_only():
+  """`conv_probe --cpu-ynn`'s compiler options: a 20-feature convolution leaves YNNPACK,
+  the Dense layers' products stay, and a 16-feature one was never there."""
+  conv_probe = _load_conv_probe()
+
+  def fusions(features, options, dense=False):
+    def f(x, k, w):
+      y = conv_probe.lax_conv(x, k)
+      return y.reshape(y.shape[0], -1) @ w if dense else y
+    x, k = jnp.ones((128, 6, 6, 16)), jnp.ones((3, 3, 16, features))
+    w = jnp.ones((16 * features, 32))
+    return conv_probe._ynn_fusions(jax.jit(f, compiler_options=options).lower(x, k, w).compile())
+
+  wide, narrow = 20, 16
+  assert fusions(wide, None) == 1 and fusions(wide, conv_probe.YNN_WITHOUT_CONVOLUTIONS) == 0
+  assert fusions(narrow, None) == 0
+  assert fusions(wide, None, dense=True) == 2
+  assert fusions(wide, conv_probe.YNN_WITHOUT_CONVOLUTIONS, dense=True) == 1
