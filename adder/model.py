@@ -27,12 +27,15 @@ states its gradient as PyTorch's, ties included.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from adder import conv_cpu
 
 MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
@@ -136,6 +139,8 @@ def _conv_windows(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _conv_forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  if conv_cpu.supports(kernel.shape, x.dtype):
+    return lax.platform_dependent(x, kernel, cpu=conv_cpu.forward, default=_conv)
   if x.shape[-1] == 1:  # im2col costs kh * kw copies of the input: cheap for one channel
     return lax.platform_dependent(x, kernel, cpu=_conv_windows, default=_conv)
   return _conv(x, kernel)
@@ -206,6 +211,11 @@ def _input_grad_by_products(g: jax.Array, kernel: jax.Array) -> jax.Array:
 def _conv_valid_bwd(residuals, g):
   x, kernel = residuals
   kh, kw = kernel.shape[:2]
+  if conv_cpu.supports(kernel.shape, x.dtype):
+    dx = lax.platform_dependent(g, kernel, cpu=conv_cpu.input_grad, default=_input_grad)
+    dk = lax.platform_dependent(x, g, cpu=functools.partial(conv_cpu.kernel_grad, kh=kh, kw=kw),
+                                default=_kernel_grad)
+    return dx, dk
   if g.shape[1] < kh or g.shape[2] < kw:
     dx = lax.platform_dependent(g, kernel, cpu=_input_grad_by_products, default=_input_grad)
   else:
