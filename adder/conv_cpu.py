@@ -96,12 +96,15 @@ def _load() -> tuple[bool, str]:
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
   except (OSError, RuntimeError, AttributeError) as e:
     return False, f"XLA's (adder's kernels unavailable: {e})"
-  return True, f"adder's direct kernels ({path})"
+  return True, f"adder's direct kernels, built for this CPU ({path.name})"
 
 
 def describe() -> str:
-  """Which convolutions the model runs on the CPU, for the start-up log."""
-  return "cpu convolutions: " + _load()[1]
+  """Which convolutions the model runs on the CPU, for the start-up log and ``results.json``."""
+  loaded, why = _load()
+  if loaded and jax.device_count() > 1:
+    why = f"XLA's (the batch is split over {jax.device_count()} devices)"
+  return "cpu convolutions: " + why
 
 
 def supports(kernel_shape: tuple[int, ...], dtype) -> bool:

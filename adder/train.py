@@ -58,6 +58,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from adder import augment as augment_lib
 from adder import checkpoint
+from adder import conv_cpu
 from adder import data as data_lib
 from adder import devices
 from adder import metrics as metrics_lib
@@ -641,6 +642,8 @@ def run_info(config: Config, n_params: int) -> dict[str, Any]:
       "local_devices": jax.local_device_count(),
       "device_kind": jax.devices()[0].device_kind,
       "cpu_devices": len(jax.local_devices(backend="cpu")),  # this process's
+      "cpu_convolutions": (conv_cpu.describe() if jax.default_backend() == "cpu"
+                           else None),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "config": config.to_dict(),
       "versions": {"jax": jax.__version__, "flax": flax.__version__,
@@ -862,6 +865,8 @@ def train_and_evaluate(
       state. KeyboardInterrupt, Terminated: see `train_epochs`.
   """
   _log(devices.describe())
+  if jax.default_backend() == "cpu":
+    _log(conv_cpu.describe())
   if config.require_gpu and jax.default_backend() != "gpu":
     raise SystemExit(
         f"error: --require-gpu: JAX sees no GPU (backend {jax.default_backend()}); "

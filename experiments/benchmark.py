@@ -219,6 +219,7 @@ def _run_jax(a: argparse.Namespace, dataset: dict[str, np.ndarray]) -> dict[str,
   import jaxlib
   import optax
 
+  from adder import conv_cpu
   from adder import data as data_lib
   from adder import model as model_lib
   from adder import train as train_lib
@@ -284,6 +285,7 @@ def _run_jax(a: argparse.Namespace, dataset: dict[str, np.ndarray]) -> dict[str,
       "info": {"backend": backend, "devices": [str(d) for d in jax.devices()],
                "device_kind": jax.devices()[0].device_kind,
                "device_choice": a.device_choice,
+               "convolutions": conv_cpu.describe() if backend == "cpu" else "XLA's",
                "xla_flags": os.environ.get("XLA_FLAGS", ""),
                "versions": {"python": platform.python_version(), "jax": jax.__version__,
                             "jaxlib": jaxlib.__version__, "flax": flax.__version__,
@@ -607,7 +609,8 @@ def render_markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) 
       f"by this process); GPU: {meta['gpu'] or 'none used'}",
       "- Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
       f"- JAX: backend {ji['backend']}, devices {', '.join(ji['devices'])} "
-      f"(`adder.devices`: {ji['device_choice']}); one jit call per epoch "
+      f"(`adder.devices`: {ji['device_choice']}; `adder.conv_cpu`: "
+      f"{ji.get('convolutions', 'not recorded')}); one jit call per epoch "
       f"(`adder.train.train_epoch`); XLA_FLAGS "
       f"{'`' + ji['xla_flags'] + '`' if ji['xla_flags'] else 'unset'}",
       f"- PyTorch: device {ti['device']}, {ti['threads']} threads "

@@ -214,6 +214,8 @@ def test_results_json_keys(short_run):
     assert key in on_disk
   assert on_disk["params"] == 17_393 and on_disk["devices"] == jax.device_count()
   assert set(on_disk["versions"]) >= {"jax", "flax", "optax"}
+  if jax.default_backend() == "cpu":  # which convolutions trained, adder's or XLA's
+    assert on_disk["cpu_convolutions"].startswith("cpu convolutions: ")
   assert on_disk["config"]["batch_size"] == 32
 
 
