@@ -7,7 +7,7 @@ Commands (from the repository root):
   python experiments/conv_probe.py OUT.json --cpu-forms      # README's CPU convolution forms
   python experiments/conv_probe.py OUT.json --cpu-devices 1,2  # README's CPU device counts
   python experiments/conv_probe.py OUT.json --cpu-pinned       # README's one core against two
-  python experiments/conv_probe.py OUT.json --cpu-layers       # README's layers, XLA vs PyTorch
+  python experiments/conv_probe.py OUT.json --cpu-layers       # README's layers, adder/XLA/PyTorch
   python experiments/conv_probe.py OUT.json --cpu-ynn          # README's YNNPACK convolutions
 
 With ``--augment`` it times the default recipe (augmented) against the same
@@ -29,6 +29,8 @@ does. With ``--cpu-layers`` it times each convolution of the model alone, at
 the training batch, in turn with PyTorch's on the same shapes (see
 `cpu_layers`). With ``--cpu-ynn`` it times the default model and a wider
 one with XLA:CPU's YNNPACK convolutions and without them (see `cpu_ynn`).
+``--cpu-forms`` and ``--cpu-ynn`` are about XLA's own convolutions, so they
+trace the model without `adder.conv_cpu`'s kernels (`xla_convolutions`).
 
 `adder.model.conv_valid` states both convolution gradients as plain forward
 convolutions (a `jax.custom_vjp`), for XLA:CPU's sake. This times a steady
@@ -38,6 +40,7 @@ again, on whatever backend JAX picks; the first epoch, with compilation, is
 reported apart.
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -54,6 +57,7 @@ import numpy as np
 from jax import lax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from adder import conv_cpu  # noqa: E402
 from adder import devices  # noqa: E402
 from adder import model as model_lib  # noqa: E402
 from adder import train  # noqa: E402
@@ -187,22 +191,43 @@ def conv_layer_shapes(config: Config) -> list[tuple[int, int, int]]:
   return shapes
 
 
+@contextlib.contextmanager
+def xla_convolutions():
+  """Trace `adder.model.conv_valid` with XLA's convolutions, not `adder.conv_cpu`'s kernels.
+
+  The choice is made while tracing, and JAX keeps traces: its caches are
+  cleared on the way in and out, and a function jitted inside must be called
+  (traced) inside.
+  """
+  supports = conv_cpu.supports
+  jax.clear_caches()
+  conv_cpu.supports = lambda *args: False
+  try:
+    yield
+  finally:
+    conv_cpu.supports = supports
+    jax.clear_caches()
+
+
 def cpu_layers(batch: int, config: Config = Config()) -> dict:
-  """Each convolution of the model at `batch`: XLA's time against PyTorch's, in turn, one process.
+  """Each convolution of the model at `batch`: its time in JAX and in PyTorch, in turn, one process.
 
   JAX: `adder.model.conv_valid` jitted alone (forward), and its output with
   the gradients training needs (the kernel's, and the input's except for the
-  first layer, whose input is the image) from one jit of ``jax.vjp``.
-  PyTorch: ``nn.Conv2d`` (bias-free, as the reference) forward, and forward
-  + ``backward``, in NCHW and in channels-last memory, with as many threads
-  as usable cores. Milliseconds per call, the median of seven rounds;
-  printed as a table (`layers_table`) at the end. A lone jitted op is not
-  what a training step pays for it: inside the epoch XLA fuses and overlaps.
+  first layer, whose input is the image) from one jit of ``jax.vjp``; as the
+  model runs it ("adder": `adder.conv_cpu`'s kernels where they apply) and
+  with XLA's convolutions (`xla_convolutions`). PyTorch: ``nn.Conv2d``
+  (bias-free, as the reference) forward, and forward + ``backward``, in NCHW
+  and in channels-last memory, with as many threads as usable cores.
+  Milliseconds per call, the median of seven rounds; printed as a table
+  (`layers_table`) at the end. A lone jitted op is not what a training step
+  pays for it: inside the epoch XLA fuses and overlaps.
   """
   import torch  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(devices.usable_cores())
-  out = {"batch": batch, "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+  out = {"batch": batch, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+         "convolutions": conv_cpu.describe()}
   rng = np.random.default_rng(0)
   for side, ci, co in conv_layer_shapes(config):
     x = rng.standard_normal((batch, side, side, ci), dtype=np.float32)
@@ -214,11 +239,14 @@ def cpu_layers(batch: int, config: Config = Config()) -> dict:
       dx, dk = pullback(g)
       return (y, dk) if first else (y, dx, dk)
 
-    fwd, both = jax.jit(model_lib.conv_valid), jax.jit(forward_and_grads)
     xj, kj, gj = jnp.asarray(x), jnp.asarray(k), jnp.asarray(g)
-    row = {"jax_forward_ms": _median_ms(lambda: fwd(xj, kj).block_until_ready()),
-           "jax_forward_and_grads_ms": _median_ms(
-               lambda: jax.block_until_ready(both(xj, kj, gj)))}
+    row = {}
+    for name in ("adder", "xla"):
+      with xla_convolutions() if name == "xla" else contextlib.nullcontext():
+        fwd, both = jax.jit(model_lib.conv_valid), jax.jit(forward_and_grads)
+        row[f"{name}_forward_ms"] = _median_ms(lambda: fwd(xj, kj).block_until_ready())
+        row[f"{name}_forward_and_grads_ms"] = _median_ms(
+            lambda: jax.block_until_ready(both(xj, kj, gj)))
     for layout, memory in (("nchw", torch.contiguous_format),
                            ("channels_last", torch.channels_last)):
       conv = torch.nn.Conv2d(ci, co, 3, bias=False).to(memory_format=memory)
@@ -238,80 +266,30 @@ def cpu_layers(batch: int, config: Config = Config()) -> dict:
   return out
 
 
-# `cpu_layers`' figures for each layer, in `layers_table`'s column order.
-LAYER_COLUMNS = ("jax_forward_ms", "torch_nchw_forward_ms", "torch_channels_last_forward_ms",
-                 "jax_forward_and_grads_ms", "torch_nchw_forward_and_grads_ms",
-                 "torch_channels_last_forward_and_grads_ms")
+# `cpu_layers`' figures for each layer, in `layers_table`'s column order, with
+# their headings.
+LAYER_COLUMNS = {
+    "adder_forward_ms": "adder forward", "xla_forward_ms": "XLA forward",
+    "torch_nchw_forward_ms": "PyTorch forward, NCHW",
+    "torch_channels_last_forward_ms": "PyTorch forward, channels-last",
+    "adder_forward_and_grads_ms": "adder forward + grads",
+    "xla_forward_and_grads_ms": "XLA forward + grads",
+    "torch_nchw_forward_and_grads_ms": "PyTorch forward + grads, NCHW",
+    "torch_channels_last_forward_and_grads_ms": "PyTorch forward + grads, channels-last",
+}
 
 
 def layers_table(result: dict) -> str:
   """`cpu_layers`' figures as a markdown table, a row per layer and a row of totals."""
-  columns = LAYER_COLUMNS
-  lines = ["| layer (input, channels) | XLA forward | PyTorch forward, NCHW | PyTorch forward, "
-           "channels-last | XLA forward + grads | PyTorch forward + grads, NCHW | PyTorch "
-           "forward + grads, channels-last |", "|---" + "|---:" * len(columns) + "|"]
+  columns = list(LAYER_COLUMNS)
+  lines = ["| layer (input, channels) | " + " | ".join(LAYER_COLUMNS.values()) + " |",
+           "|---" + "|---:" * len(columns) + "|"]
   rows = {k: v for k, v in result.items() if "->" in k}
   for name, row in rows.items():
     lines.append(f"| {name} | " + " | ".join(f"{row[c]:.2f}" for c in columns) + " |")
   totals = [sum(row[c] for row in rows.values()) for c in columns]
   lines.append("| all layers | " + " | ".join(f"{t:.2f}" for t in totals) + " |")
   return "\n".join(lines)
-
-
-# XLA:CPU hands these kinds of op to its YNNPACK library kernels. XLA's own
-# default (jaxlib 0.10) is these and individual convolutions, those with more
-# than 16 input or output features; the default's count of YNNPACK fusions less
-# those of its convolutions, which `cpu_ynn` records, confirms it.
-YNN_WITHOUT_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-
-# (name, model) of `cpu_ynn`: the default, and every convolution after the
-# first at 20 features (the README's width screen), whose convolutions all
-# have more than 16 features.
-YNN_MODELS = (("default", Config()),
-              ("conv_16x20x20x20x20_hidden_40",
-               Config(conv_features=(16, 20, 20, 20, 20), hidden_features=40)))
-
-
-def _ynn_fusions(compiled) -> int:
-  """How many YNNPACK fusions a compiled program holds."""
-  return sum(1 for line in compiled.as_text().splitlines()
-             if re.match(r"\s*(ROOT )?%ynn_fusion\S* = ", line))
-
-
-def cpu_ynn(dataset, rounds: int = 3) -> dict:
-  """Each of `YNN_MODELS`' epochs with XLA's defaults and with `YNN_WITHOUT_CONVOLUTIONS`.
-
-  One process: the epoch (without augmentation) is compiled once per model
-  and compiler options (its first epoch), then one epoch of each runs in turn,
-  `rounds` times. The options apply to that one jit (``compiler_options``);
-  ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``
-  sets the same for a whole process.
-  """
-  runs = {}
-  for name, config in YNN_MODELS:
-    config = config.without_augmentation()
-    s, state = train.setup(config, dataset)
-    for options_name, options in (("xla_default", None),
-                                  ("without_ynn_convolutions", YNN_WITHOUT_CONVOLUTIONS)):
-      fn = jax.jit(functools.partial(train.train_epoch, batch_size=config.batch_size,
-                                     batch_sharding=s.batch_sharding, augment=None),
-                   donate_argnums=0, compiler_options=options)
-      own = jax.tree_util.tree_map(jnp.copy, state)
-      compiled = fn.lower(own, s.train_x, s.train_y, s.data_key, 1).compile()
-      run = s._replace(epoch_fn=compiled)
-      own, first = _epoch(run, own, 1)
-      runs[f"{name}/{options_name}"] = [run, own, first, [], _ynn_fusions(compiled)]
-  for round_ in range(rounds):
-    for run in runs.values():
-      run[1], seconds = _epoch(run[0], run[1], round_ + 2)
-      run[3].append(seconds)
-    print("round", round_ + 1, {k: round(run[3][-1], 2) for k, run in runs.items()}, flush=True)
-  return {"options": YNN_WITHOUT_CONVOLUTIONS, **{
-      k: {"ynn_fusions": fusions, "first_epoch_s": round(first, 3),
-          "epoch_s": [round(t, 4) for t in times],
-          "median_epoch_s": round(float(np.median(times)), 4)}
-      for k, (_, _, first, times, fusions) in runs.items()}}
 
 
 def _env_without_cpu_choices() -> dict:
@@ -390,12 +368,19 @@ def main(out_path: str, augment: bool = False, forms: bool = False,
              "test_labels": rng.integers(0, 10, 10000).astype(np.int32)}
   custom = model_lib.conv_valid
   if ynn:
-    out.update(cpu_ynn(dataset))
+    with xla_convolutions():  # a question about XLA's own convolutions
+      out.update(cpu_ynn(dataset))
     with open(out_path, "w") as f:
       json.dump(out, f, indent=1)
     return
-  if forms or as_is:
-    out.update(cpu_forms(dataset) if forms else {"as_is": time_epochs(dataset, 3)})
+  if forms:
+    with xla_convolutions():  # the forms are those of XLA's convolutions
+      out.update(cpu_forms(dataset))
+    with open(out_path, "w") as f:
+      json.dump(out, f, indent=1)
+    return
+  if as_is:
+    out.update({"as_is": time_epochs(dataset, 3)})
     with open(out_path, "w") as f:
       json.dump(out, f, indent=1)
     return

@@ -124,8 +124,9 @@ def test_conv_probe_layers_table_sums_the_layers():
             "26x26x16->16": {c: 0.5 for c in columns}}
   lines = conv_probe.layers_table(result).splitlines()
   assert len(lines) == 2 + 2 + 1  # header, rule, two layers, totals
+  assert lines[0].split(" | ")[1:3] == ["adder forward", "XLA forward"]
   assert lines[2].startswith("| 28x28x1->16 | 1.00 | 2.00 |")
-  assert lines[-1] == "| all layers | 1.50 | 2.50 | 3.50 | 4.50 | 5.50 | 6.50 |"
+  assert lines[-1] == "| all layers | 1.50 | 2.50 | 3.50 | 4.50 | 5.50 | 6.50 | 7.50 | 8.50 |"
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's own library choice")
