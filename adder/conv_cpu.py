@@ -12,7 +12,7 @@ forward one on the padded output gradient with the flipped kernel
 The source is compiled on first use with the host's C++ compiler (``$CXX``,
 else ``c++``), for the host's own CPU (``-march=native``), against the FFI
 headers that come with jaxlib, and kept in ``$ADDER_CACHE_DIR`` (default
-``~/.cache/adder``) under a name that hashes the source, the flags, jaxlib's
+``$XDG_CACHE_HOME/adder``, else ``~/.cache/adder``) under a name that hashes the source, the flags, jaxlib's
 version and the CPU, so a later process only loads it. Where that fails (no
 compiler, another OS), or with ``ADDER_CPU_KERNELS=0``, `adder.model` keeps
 XLA's own convolutions; `describe` says which, for the start-up log.
@@ -61,7 +61,8 @@ def _library_path(compiler: str) -> Path:
   for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
                jaxlib.__version__.encode(), _cpu_id().encode()):
     key.update(part)
-  cache = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "adder")
+  cache = Path(os.environ.get(CACHE_ENV)
+               or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adder")
   return cache / f"conv_cpu-{key.hexdigest()[:16]}.so"
 
 
@@ -112,12 +113,13 @@ def supports(kernel_shape: tuple[int, ...], dtype) -> bool:
 
   Float32, input and output channels multiples of 16 (a one-channel input is
   faster as XLA's product of shifted windows, `adder.model._conv_windows`),
-  and a single device: a convolution of a batch split over several devices
-  stays XLA's, whose partitioner splits it with the batch (an FFI call it
-  would gather whole).
+  and JAX training on one CPU device: a convolution of a batch split over
+  several devices stays XLA's, whose partitioner splits it with the batch
+  (an FFI call it would gather whole), and a GPU host builds nothing.
   """
   return (jnp.dtype(dtype) == jnp.float32 and kernel_shape[-1] % CHANNELS == 0
-          and kernel_shape[-2] % CHANNELS == 0 and jax.device_count() == 1 and _load()[0])
+          and kernel_shape[-2] % CHANNELS == 0 and jax.default_backend() == "cpu"
+          and jax.device_count() == 1 and _load()[0])
 
 
 def _require() -> None:

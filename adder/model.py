@@ -20,7 +20,8 @@ BatchNorm follows PyTorch's ``nn.BatchNorm2d`` conventions (see `BatchNorm`),
 so that weights and running statistics convert both ways without loss.
 
 Two choices here are for speed and change no value beyond float32 rounding:
-`conv_valid` states its forward pass and gradients in the forms XLA:CPU runs
+`conv_valid` runs its 16-channel convolutions on the CPU through kernels of
+our own (`adder.conv_cpu`) and states the rest in the forms XLA:CPU runs
 fast, and `BatchNorm` takes its batch moments in one pass. `max_pool_2x2`
 states its gradient as PyTorch's, ties included.
 """
@@ -106,9 +107,13 @@ def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
     float (N, H - kh + 1, W - kw + 1, Co).
 
   The values and both gradients are ``lax.conv_general_dilated``'s up to
-  float32 rounding; only their form differs, for XLA:CPU's sake (on other
+  float32 rounding; only their form differs, for the CPU's sake (on other
   backends `lax.platform_dependent` picks the plain forms):
 
+  * Float32 convolutions whose input and output channels are multiples of 16
+    (the model's 2nd to 4th layers), forward and both gradients, run on
+    `adder.conv_cpu`'s direct kernels (through the XLA FFI) where those
+    could be built and one device trains. The rest stay XLA's, in these forms:
   * Gradients as canonical convolutions. JAX's own transpose rules give the
     input gradient a kernel with swapped in/out features and the kernel
     gradient an input with batch and features swapped. XLA:CPU runs such

@@ -9,6 +9,7 @@ Commands (from the repository root):
   python experiments/conv_probe.py OUT.json --cpu-pinned       # README's one core against two
   python experiments/conv_probe.py OUT.json --cpu-layers       # README's layers, adder/XLA/PyTorch
   python experiments/conv_probe.py OUT.json --cpu-ynn          # README's YNNPACK convolutions
+  python experiments/conv_probe.py OUT.json --cpu-kernels      # README's adder kernels vs XLA's
 
 With ``--augment`` it times the default recipe (augmented) against the same
 recipe without augmentation, then augmented again, instead. With
@@ -29,6 +30,8 @@ does. With ``--cpu-layers`` it times each convolution of the model alone, at
 the training batch, in turn with PyTorch's on the same shapes (see
 `cpu_layers`). With ``--cpu-ynn`` it times the default model and a wider
 one with XLA:CPU's YNNPACK convolutions and without them (see `cpu_ynn`).
+With ``--cpu-kernels`` it times the trainer's epoch with `adder.conv_cpu`'s
+kernels against XLA's convolutions (see `cpu_kernels`).
 ``--cpu-forms`` and ``--cpu-ynn`` are about XLA's own convolutions, so they
 trace the model without `adder.conv_cpu`'s kernels (`xla_convolutions`).
 
@@ -158,6 +161,34 @@ def cpu_forms(dataset, rounds: int = 4) -> dict:
   return {form: {"first_epoch_s": round(first, 3), "epoch_s": [round(t, 4) for t in times],
                  "median_epoch_s": round(float(np.median(times)), 4)}
           for form, (_, _, first, times) in runs.items()}
+
+
+def cpu_kernels(dataset, rounds: int = 4) -> dict:
+  """The trainer's epoch with `adder.conv_cpu`'s kernels and with XLA's convolutions, in turn.
+
+  One process: each is compiled ahead of time (its first epoch is timed
+  apart), then one epoch of each runs in turn, `rounds` times.
+  """
+  config = Config().without_augmentation()
+  runs = {}
+  for form, traced in (("adder_kernels", contextlib.nullcontext),
+                       ("xla_convolutions", xla_convolutions)):
+    with traced():
+      s, state = train.setup(config, dataset)
+      compiled = s.epoch_fn.lower(state, s.train_x, s.train_y, s.data_key, 1).compile()
+      s = s._replace(epoch_fn=compiled)
+      state, first = _epoch(s, state, 1)
+    runs[form] = [s, state, first, []]
+  for round_ in range(rounds):
+    for form, run in runs.items():
+      run[1], seconds = _epoch(run[0], run[1], round_ + 2)
+      run[3].append(seconds)
+    print("round", round_ + 1, {form: round(run[3][-1], 2) for form, run in runs.items()},
+          flush=True)
+  return {"convolutions": conv_cpu.describe(), **{
+      form: {"first_epoch_s": round(first, 3), "epoch_s": [round(t, 4) for t in times],
+             "median_epoch_s": round(float(np.median(times)), 4)}
+      for form, (_, _, first, times) in runs.items()}}
 
 
 def _median_ms(fn, calls: int = 20, rounds: int = 7) -> float:
@@ -344,7 +375,8 @@ def cpu_pinned(out_path: str) -> dict:
 
 def main(out_path: str, augment: bool = False, forms: bool = False,
          devices_: Optional[list[int]] = None, as_is: bool = False,
-         pinned: bool = False, layers: bool = False, ynn: bool = False) -> None:
+         pinned: bool = False, layers: bool = False, ynn: bool = False,
+         kernels: bool = False) -> None:
   if layers:
     with open(out_path, "w") as f:
       json.dump({"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
@@ -367,6 +399,11 @@ def main(out_path: str, augment: bool = False, forms: bool = False,
              "test_images": rng.integers(0, 256, (10000, 28, 28), dtype=np.uint8),
              "test_labels": rng.integers(0, 10, 10000).astype(np.int32)}
   custom = model_lib.conv_valid
+  if kernels:
+    out.update(cpu_kernels(dataset))
+    with open(out_path, "w") as f:
+      json.dump(out, f, indent=1)
+    return
   if ynn:
     with xla_convolutions():  # a question about XLA's own convolutions
       out.update(cpu_ynn(dataset))
@@ -410,4 +447,4 @@ if __name__ == "__main__":
     print(devices.configure_cpu_devices(Config().batch_size), flush=True)  # as adder.train
   main(sys.argv[1], augment="--augment" in args, forms="--cpu-forms" in args,
        devices_=counts, as_is="--as-is" in args, pinned=pinned, layers="--cpu-layers" in args,
-       ynn="--cpu-ynn" in args)
+       ynn="--cpu-ynn" in args, kernels="--cpu-kernels" in args)
