@@ -323,6 +323,62 @@ def layers_table(result: dict) -> str:
   return "\n".join(lines)
 
 
+# XLA:CPU hands these kinds of op to its YNNPACK library kernels. XLA's own
+# default (jaxlib 0.10) is these and individual convolutions, those with more
+# than 16 input or output features; the default's count of YNNPACK fusions less
+# those of its convolutions, which `cpu_ynn` records, confirms it.
+YNN_WITHOUT_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+# (name, model) of `cpu_ynn`: the default, and every convolution after the
+# first at 20 features (the README's width screen), whose convolutions all
+# have more than 16 features.
+YNN_MODELS = (("default", Config()),
+              ("conv_16x20x20x20x20_hidden_40",
+               Config(conv_features=(16, 20, 20, 20, 20), hidden_features=40)))
+
+
+def _ynn_fusions(compiled) -> int:
+  """How many YNNPACK fusions a compiled program holds."""
+  return sum(1 for line in compiled.as_text().splitlines()
+             if re.match(r"\s*(ROOT )?%ynn_fusion\S* = ", line))
+
+
+def cpu_ynn(dataset, rounds: int = 3) -> dict:
+  """Each of `YNN_MODELS`' epochs with XLA's defaults and with `YNN_WITHOUT_CONVOLUTIONS`.
+
+  One process: the epoch (without augmentation) is compiled once per model
+  and compiler options (its first epoch), then one epoch of each runs in turn,
+  `rounds` times. The options apply to that one jit (``compiler_options``);
+  ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``
+  sets the same for a whole process.
+  """
+  runs = {}
+  for name, config in YNN_MODELS:
+    config = config.without_augmentation()
+    s, state = train.setup(config, dataset)
+    for options_name, options in (("xla_default", None),
+                                  ("without_ynn_convolutions", YNN_WITHOUT_CONVOLUTIONS)):
+      fn = jax.jit(functools.partial(train.train_epoch, batch_size=config.batch_size,
+                                     batch_sharding=s.batch_sharding, augment=None),
+                   donate_argnums=0, compiler_options=options)
+      own = jax.tree_util.tree_map(jnp.copy, state)
+      compiled = fn.lower(own, s.train_x, s.train_y, s.data_key, 1).compile()
+      run = s._replace(epoch_fn=compiled)
+      own, first = _epoch(run, own, 1)
+      runs[f"{name}/{options_name}"] = [run, own, first, [], _ynn_fusions(compiled)]
+  for round_ in range(rounds):
+    for run in runs.values():
+      run[1], seconds = _epoch(run[0], run[1], round_ + 2)
+      run[3].append(seconds)
+    print("round", round_ + 1, {k: round(run[3][-1], 2) for k, run in runs.items()}, flush=True)
+  return {"options": YNN_WITHOUT_CONVOLUTIONS, **{
+      k: {"ynn_fusions": fusions, "first_epoch_s": round(first, 3),
+          "epoch_s": [round(t, 4) for t in times],
+          "median_epoch_s": round(float(np.median(times)), 4)}
+      for k, (_, _, first, times, fusions) in runs.items()}}
+
+
 def _env_without_cpu_choices() -> dict:
   """This process's environment less the CPU device count and XLA flags."""
   return {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
