@@ -151,16 +151,27 @@ def cpu_forms(dataset, rounds: int = 4) -> dict:
     finally:
       if name:
         setattr(model_lib, name, original)
-    runs[form] = [s, state, first, []]
+    runs[form] = (s, state, first)
+  return _alternate(runs, rounds)
+
+
+def _alternate(runs: dict, rounds: int) -> dict:
+  """One epoch of each run in turn, `rounds` times: each run's epoch times and their median.
+
+  Args:
+    runs: ``{name: (setup, state, first_epoch_seconds)}``, each compiled and
+      past its first epoch.
+  """
+  states = {name: state for name, (_, state, _) in runs.items()}
+  times = {name: [] for name in runs}
   for round_ in range(rounds):
-    for form, run in runs.items():
-      run[1], seconds = _epoch(run[0], run[1], round_ + 2)
-      run[3].append(seconds)
-    print("round", round_ + 1, {form: round(run[3][-1], 2) for form, run in runs.items()},
-          flush=True)
-  return {form: {"first_epoch_s": round(first, 3), "epoch_s": [round(t, 4) for t in times],
-                 "median_epoch_s": round(float(np.median(times)), 4)}
-          for form, (_, _, first, times) in runs.items()}
+    for name, (s, _, _) in runs.items():
+      states[name], seconds = _epoch(s, states[name], round_ + 2)
+      times[name].append(seconds)
+    print("round", round_ + 1, {name: round(t[-1], 2) for name, t in times.items()}, flush=True)
+  return {name: {"first_epoch_s": round(runs[name][2], 3),
+                 "epoch_s": [round(t, 4) for t in times[name]],
+                 "median_epoch_s": round(float(np.median(times[name])), 4)} for name in runs}
 
 
 def cpu_kernels(dataset, rounds: int = 4) -> dict:
@@ -178,17 +189,8 @@ def cpu_kernels(dataset, rounds: int = 4) -> dict:
       compiled = s.epoch_fn.lower(state, s.train_x, s.train_y, s.data_key, 1).compile()
       s = s._replace(epoch_fn=compiled)
       state, first = _epoch(s, state, 1)
-    runs[form] = [s, state, first, []]
-  for round_ in range(rounds):
-    for form, run in runs.items():
-      run[1], seconds = _epoch(run[0], run[1], round_ + 2)
-      run[3].append(seconds)
-    print("round", round_ + 1, {form: round(run[3][-1], 2) for form, run in runs.items()},
-          flush=True)
-  return {"convolutions": conv_cpu.describe(), **{
-      form: {"first_epoch_s": round(first, 3), "epoch_s": [round(t, 4) for t in times],
-             "median_epoch_s": round(float(np.median(times)), 4)}
-      for form, (_, _, first, times) in runs.items()}}
+    runs[form] = (s, state, first)
+  return {"convolutions": conv_cpu.describe(), **_alternate(runs, rounds)}
 
 
 def _median_ms(fn, calls: int = 20, rounds: int = 7) -> float:
@@ -353,7 +355,7 @@ def cpu_ynn(dataset, rounds: int = 3) -> dict:
   ``XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``
   sets the same for a whole process.
   """
-  runs = {}
+  runs, fusions = {}, {}
   for name, config in YNN_MODELS:
     config = config.without_augmentation()
     s, state = train.setup(config, dataset)
@@ -366,17 +368,11 @@ def cpu_ynn(dataset, rounds: int = 3) -> dict:
       compiled = fn.lower(own, s.train_x, s.train_y, s.data_key, 1).compile()
       run = s._replace(epoch_fn=compiled)
       own, first = _epoch(run, own, 1)
-      runs[f"{name}/{options_name}"] = [run, own, first, [], _ynn_fusions(compiled)]
-  for round_ in range(rounds):
-    for run in runs.values():
-      run[1], seconds = _epoch(run[0], run[1], round_ + 2)
-      run[3].append(seconds)
-    print("round", round_ + 1, {k: round(run[3][-1], 2) for k, run in runs.items()}, flush=True)
-  return {"options": YNN_WITHOUT_CONVOLUTIONS, **{
-      k: {"ynn_fusions": fusions, "first_epoch_s": round(first, 3),
-          "epoch_s": [round(t, 4) for t in times],
-          "median_epoch_s": round(float(np.median(times)), 4)}
-      for k, (_, _, first, times, fusions) in runs.items()}}
+      runs[f"{name}/{options_name}"] = (run, own, first)
+      fusions[f"{name}/{options_name}"] = _ynn_fusions(compiled)
+  timed = _alternate(runs, rounds)
+  return {"options": YNN_WITHOUT_CONVOLUTIONS,
+          **{k: {"ynn_fusions": fusions[k], **figures} for k, figures in timed.items()}}
 
 
 def _env_without_cpu_choices() -> dict:
