@@ -42,7 +42,7 @@ SOURCE = Path(__file__).with_name("conv_cpu.cc")
 ENV = "ADDER_CPU_KERNELS"  # "0": XLA's own convolutions
 CACHE_ENV = "ADDER_CACHE_DIR"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-CHANNELS = 16  # output channels must be a multiple of this (one vector of float32)
+CHANNELS = 16  # channels in and out must be multiples of this (one vector of float32)
 FORWARD, KERNEL_GRAD = "adder_conv_forward", "adder_conv_kernel_grad"
 
 
@@ -75,7 +75,8 @@ def _compile(compiler: str, path: Path) -> None:
                "-o", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode:
-      raise RuntimeError(f"{shlex.join(command)} failed: {result.stderr.strip()[-500:]}")
+      message = " ".join(result.stderr.split())[-300:]  # one line for the start-up log
+      raise RuntimeError(f"{shlex.join(command)} failed: {message}")
     os.replace(out, path)
 
 
@@ -85,7 +86,7 @@ def _load() -> tuple[bool, str]:
   if os.environ.get(ENV, "1") == "0":
     return False, f"XLA's ({ENV}=0)"
   if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-    return False, f"XLA's (adder's kernels are built for Linux x86-64 only)"
+    return False, "XLA's (adder's kernels are built for Linux x86-64 only)"
   compiler = os.environ.get("CXX", "c++")
   try:
     path = _library_path(compiler)
