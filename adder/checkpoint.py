@@ -4,7 +4,8 @@ A checkpoint is one orbax ``CompositeCheckpointHandler`` directory with two
 items:
 
 * ``weights`` (``StandardSave``): ``{set_name: {"params": ..., "batch_stats":
-  ...}}`` with ``set_name`` in ``"final"`` (the last training step) and
+  ...}}`` with ``set_name`` in ``"final"`` (the last training step; after augmented
+  training, with BatchNorm statistics recomputed on the plain images) and
   ``"swa"`` (the averaged parameters with recomputed BatchNorm statistics,
   absent with ``--no-swa``); float32 numpy arrays.
 * ``meta`` (``JsonSave``): ``{"format": FORMAT, "config": Config.to_dict(),

@@ -18,7 +18,8 @@ NOT_RUN_FIELDS = ("mnist_dir", "data_dir", "require_gpu", "eval_batch_size", "sa
 # Fields added after runs had been saved, with the value that a saved config
 # without them ran with (their defaults may differ): `Config.from_dict`.
 ADDED_FIELDS = {"augment_scale": 0.0, "plain_last_epochs": 0, "swa_lr": None,
-                "consistency_weight": 0.0, "augment_elastic_px": 0.0}
+                "consistency_weight": 0.0, "augment_elastic_px": 0.0,
+                "plain_batch_stats": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,14 @@ class Config:
   # The last this many epochs train on the images as they are (0: every epoch
   # augmented); nothing changes without augmentation.
   plain_last_epochs: int = 0
+  # With augmentation, the final weights' BatchNorm statistics are recomputed
+  # after training on the training images as they are, as the SWA weights'
+  # always are (`adder.train.recompute_batch_stats`): the running statistics
+  # describe augmented batches, not the plain images that are evaluated. False,
+  # or no augmentation: the running statistics (the original's final weights).
+  # Chosen over the trained runs of three seeds (README, "How the recipe was
+  # chosen").
+  plain_batch_stats: bool = True
 
   # --- model ---
   # Channels of the five 3x3 conv blocks; the last is the image-embedding size.
@@ -114,6 +123,11 @@ class Config:
     """
     return self.replace(augment_shift_px=0.0, augment_rotate_deg=0.0, augment_scale=0.0,
                         augment_elastic_px=0.0, plain_last_epochs=0)
+
+  @property
+  def recomputes_final_batch_stats(self) -> bool:
+    """Whether the final weights get BatchNorm statistics of the plain training images."""
+    return self.plain_batch_stats and self.augment
 
   def augments_epoch(self, epoch: int) -> bool:
     """Whether 1-based `epoch` trains on augmented images."""

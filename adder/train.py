@@ -12,7 +12,8 @@ calls `train_and_evaluate`. Everything else here is importable:
   work per step, on every backend.
 * `eval_step` / `evaluate`: large jitted batches over fixed (image, integer)
   pairs: predictions, scores and the loss.
-* `recompute_batch_stats`: BatchNorm statistics for averaged weights, as
+* `recompute_batch_stats`: BatchNorm statistics for averaged weights (and,
+  after augmented training, the final ones), as
   ``torch.optim.swa_utils.update_bn`` computes them.
 
 `train_and_evaluate` reads as its phases: `saved_run` (what the workdir holds),
@@ -593,16 +594,28 @@ def run_epoch(
 
 
 def final_weight_sets(config: Config, s: Setup, state: TrainState) -> dict[str, dict]:
-  """``final`` (the last iterate) and, with SWA, ``swa`` with recomputed BatchNorm stats."""
-  weight_sets = {"final": {"params": state.params, "batch_stats": state.batch_stats}}
+  """``final`` (the last iterate) and, with SWA, ``swa`` (the averaged parameters).
+
+  The ``swa`` parameters get BatchNorm statistics recomputed on the plain
+  training images, as ``update_bn`` gives them. The ``final`` parameters keep
+  their running statistics, or get recomputed ones too where
+  `Config.recomputes_final_batch_stats`.
+  """
+  bn_indices = jnp.arange(s.steps_per_epoch * config.batch_size, dtype=jnp.int32).reshape(
+      s.steps_per_epoch, config.batch_size)
+  recompute = jax.jit(recompute_batch_stats, static_argnums=0,
+                      static_argnames="batch_sharding")
+
+  def with_plain_stats(params):
+    return {"params": params, "batch_stats": recompute(
+        s.model, params, s.train_x, bn_indices, batch_sharding=s.batch_sharding)}
+
+  weight_sets = {"final": (with_plain_stats(state.params)
+                           if config.recomputes_final_batch_stats else
+                           {"params": state.params, "batch_stats": state.batch_stats})}
   swa = optim.swa_state(state.opt_state)
   if swa is not None and int(swa.n_averaged) > 0:
-    bn_indices = jnp.arange(s.steps_per_epoch * config.batch_size, dtype=jnp.int32).reshape(
-        s.steps_per_epoch, config.batch_size)
-    recompute = jax.jit(recompute_batch_stats, static_argnums=0,
-                        static_argnames="batch_sharding")
-    weight_sets["swa"] = {"params": swa.mean, "batch_stats": recompute(
-        s.model, swa.mean, s.train_x, bn_indices, batch_sharding=s.batch_sharding)}
+    weight_sets["swa"] = with_plain_stats(swa.mean)
   return weight_sets
 
 
@@ -1004,6 +1017,10 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
                       "(default: %(default)s)")
   p.add_argument("--no-augment", action="store_true",
                  help="train on the images as they are (the PyTorch reference's recipe)")
+  p.add_argument("--running-batch-stats", action="store_true",
+                 help="keep the final weights' running BatchNorm statistics (default: "
+                      "after augmented training, recompute them on the plain training "
+                      "images, as the SWA weights' are)")
   p.add_argument("--require-gpu", action="store_true",
                  help="refuse to train unless JAX sees a GPU")
   multi = p.add_argument_group(
@@ -1030,7 +1047,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
       require_gpu=a.require_gpu, save_every_s=a.save_every,
       augment_shift_px=a.augment_shift, augment_rotate_deg=a.augment_rotate,
       augment_scale=a.augment_scale, augment_elastic_px=a.augment_elastic,
-      augment_elastic_sigma=a.augment_elastic_sigma, plain_last_epochs=a.plain_last_epochs)
+      augment_elastic_sigma=a.augment_elastic_sigma, plain_last_epochs=a.plain_last_epochs,
+      plain_batch_stats=not a.running_batch_stats)
   if a.no_augment:
     config = config.without_augmentation()
   return config, a

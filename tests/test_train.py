@@ -154,6 +154,29 @@ def test_recompute_batch_stats_averages_batch_statistics(fake_mnist):
   np.testing.assert_allclose(got["bn0"]["mean"], direct, atol=1e-5)
 
 
+@pytest.mark.parametrize("config, recomputed", [
+    (TINY_AUGMENTED, True),
+    (TINY_AUGMENTED.replace(plain_batch_stats=False), False),
+    (TINY, False),  # no augmentation: the original's final weights
+])
+def test_final_weights_get_plain_batch_stats_after_augmented_training(
+    fake_mnist, config, recomputed):
+  s, state = train_lib.setup(config, fake_mnist)
+  weight_sets = train_lib.final_weight_sets(config, s, state)
+  n = s.steps_per_epoch * config.batch_size
+  plain = train_lib.recompute_batch_stats(
+      s.model, state.params, s.train_x, jnp.arange(n, dtype=jnp.int32).reshape(-1, config.batch_size))
+  final = weight_sets["final"]["batch_stats"]
+  assert config.recomputes_final_batch_stats == recomputed
+  chex.assert_trees_all_equal(weight_sets["final"]["params"], state.params)
+  if recomputed:
+    chex.assert_trees_all_close(final, plain, atol=1e-6)
+  else:
+    chex.assert_trees_all_equal(final, state.batch_stats)
+  # The running statistics of a fresh state (mean 0, variance 1) are not the plain images'.
+  assert not np.allclose(plain["bn0"]["mean"], state.batch_stats["bn0"]["mean"], atol=1e-3)
+
+
 @pytest.fixture(scope="module")
 def short_run(fake_mnist, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))
@@ -273,6 +296,7 @@ def test_cli_recipe_flags_reach_the_config():
   assert (config.consistency_weight, config.swa_lr) == (0.25, 0.01)
   assert (config.augment_elastic_px, config.augment_elastic_sigma) == (0.5, 3.0)
   assert train_lib.parse_args([])[0] == Config()
+  assert not train_lib.parse_args(["--running-batch-stats"])[0].plain_batch_stats
 
 
 def test_cli_missing_dataset_is_one_clear_line(tmp_path):
@@ -474,12 +498,14 @@ def test_run_differences_ignore_where_the_data_is():
 
 def test_a_config_saved_before_a_field_existed_reads_as_it_ran():
   saved = Config().to_dict()
-  for name in ("augment_scale", "consistency_weight", "plain_last_epochs", "swa_lr"):
+  for name in ("augment_scale", "consistency_weight", "plain_last_epochs", "swa_lr",
+               "plain_batch_stats"):
     del saved[name]
   old = Config.from_dict({**saved, "unknown_field": 1})
-  assert (old.augment_scale, old.consistency_weight, old.plain_last_epochs, old.swa_lr) == (
-      0.0, 0.0, 0, None)
+  assert (old.augment_scale, old.consistency_weight, old.plain_last_epochs, old.swa_lr,
+          old.plain_batch_stats) == (0.0, 0.0, 0, None, False)
   assert Config().consistency_weight > 0 and Config().augment_scale > 0  # not the defaults
+  assert Config().plain_batch_stats
   assert Config.from_dict(Config().to_dict()) == Config()
 
 
