@@ -593,29 +593,34 @@ def run_epoch(
   return state, row, losses
 
 
-def final_weight_sets(config: Config, s: Setup, state: TrainState) -> dict[str, dict]:
-  """``final`` (the last iterate) and, with SWA, ``swa`` (the averaged parameters).
+def plain_batch_stats(config: Config, s: Setup, params: Any) -> Any:
+  """BatchNorm statistics of `params` over one pass of the plain training images.
 
-  The ``swa`` parameters get BatchNorm statistics recomputed on the plain
-  training images, as ``update_bn`` gives them. The ``final`` parameters keep
-  their running statistics, or get recomputed ones too where
-  `Config.recomputes_final_batch_stats`.
+  The batches are the training set in order, ``config.batch_size`` images
+  each (`recompute_batch_stats`): what ``update_bn`` does over an
+  unshuffled, unaugmented loader.
   """
-  bn_indices = jnp.arange(s.steps_per_epoch * config.batch_size, dtype=jnp.int32).reshape(
+  indices = jnp.arange(s.steps_per_epoch * config.batch_size, dtype=jnp.int32).reshape(
       s.steps_per_epoch, config.batch_size)
   recompute = jax.jit(recompute_batch_stats, static_argnums=0,
                       static_argnames="batch_sharding")
+  return recompute(s.model, params, s.train_x, indices, batch_sharding=s.batch_sharding)
 
-  def with_plain_stats(params):
-    return {"params": params, "batch_stats": recompute(
-        s.model, params, s.train_x, bn_indices, batch_sharding=s.batch_sharding)}
 
-  weight_sets = {"final": (with_plain_stats(state.params)
-                           if config.recomputes_final_batch_stats else
-                           {"params": state.params, "batch_stats": state.batch_stats})}
+def final_weight_sets(config: Config, s: Setup, state: TrainState) -> dict[str, dict]:
+  """``final`` (the last iterate) and, with SWA, ``swa`` (the averaged parameters).
+
+  The ``swa`` parameters get `plain_batch_stats`. The ``final`` parameters
+  keep their running statistics, or get plain ones too where
+  `Config.recomputes_final_batch_stats`.
+  """
+  final_stats = (plain_batch_stats(config, s, state.params)
+                 if config.recomputes_final_batch_stats else state.batch_stats)
+  weight_sets = {"final": {"params": state.params, "batch_stats": final_stats}}
   swa = optim.swa_state(state.opt_state)
   if swa is not None and int(swa.n_averaged) > 0:
-    weight_sets["swa"] = with_plain_stats(swa.mean)
+    weight_sets["swa"] = {"params": swa.mean,
+                          "batch_stats": plain_batch_stats(config, s, swa.mean)}
   return weight_sets
 
 

@@ -11,6 +11,7 @@ from adder.config import Config
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "experiments"))
+import batch_stats  # noqa: E402  pylint: disable=g-import-not-at-top
 import sweep  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -88,3 +89,22 @@ def test_sweep_mean_row_over_seeds():
   assert sweep.mean_row("x", [{"config": {"seed": 0}, "final": {"exhaustive": {"joint_acc": 0.9}}},
                               {"config": {"seed": 1}, "final": {"exhaustive": {"joint_acc": 0.9}}}]
                         ).endswith("| 0.9000 ± 0.0000 |  |")
+
+
+def test_batch_stats_table_counts_gains_ties_and_losses():
+  stored, plain, swa = batch_stats.COLUMNS
+  runs = {"a_seed0": {stored: 0.99500, plain: 0.99530, swa: 0.99540},
+          "a_seed1": {stored: 0.99500, plain: 0.99500, swa: 0.99520},
+          "b_seed0": {stored: 0.99600, plain: 0.99590}}  # no SWA weights
+  lines = batch_stats.table(runs).splitlines()
+  assert lines[2] == "| a_seed0 | 99.50% | 99.53% | 99.54% |"
+  assert lines[4] == "| b_seed0 | 99.60% | 99.59% |  |"
+  assert lines[5] == ("| mean of 3 runs (plain statistics: 1 higher, 1 the same, 1 lower) | "
+                      "**99.53%** | **99.54%** | **99.53%** |")
+
+
+def test_batch_stats_of_a_missing_run_is_one_error_line(tmp_path):
+  r = subprocess.run([sys.executable, str(REPO / "experiments" / "batch_stats.py"),
+                      str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1

@@ -165,7 +165,8 @@ def test_final_weights_get_plain_batch_stats_after_augmented_training(
   weight_sets = train_lib.final_weight_sets(config, s, state)
   n = s.steps_per_epoch * config.batch_size
   plain = train_lib.recompute_batch_stats(
-      s.model, state.params, s.train_x, jnp.arange(n, dtype=jnp.int32).reshape(-1, config.batch_size))
+      s.model, state.params, s.train_x,
+      jnp.arange(n, dtype=jnp.int32).reshape(-1, config.batch_size))
   final = weight_sets["final"]["batch_stats"]
   assert config.recomputes_final_batch_stats == recomputed
   chex.assert_trees_all_equal(weight_sets["final"]["params"], state.params)
@@ -175,6 +176,19 @@ def test_final_weights_get_plain_batch_stats_after_augmented_training(
     chex.assert_trees_all_equal(final, state.batch_stats)
   # The running statistics of a fresh state (mean 0, variance 1) are not the plain images'.
   assert not np.allclose(plain["bn0"]["mean"], state.batch_stats["bn0"]["mean"], atol=1e-3)
+
+
+def test_batch_stats_script_scores_the_plain_statistics_that_training_stored(
+    short_run, short_run_augmented, fake_mnist):
+  sys.path.insert(0, str(REPO / "experiments"))
+  import batch_stats  # pylint: disable=g-import-not-at-top
+  stored, plain, swa = batch_stats.COLUMNS
+  for (workdir, results), recomputed in ((short_run, False), (short_run_augmented, True)):
+    score = batch_stats.scores(workdir, fake_mnist)
+    assert score[stored] == results["final"]["exhaustive"]["joint_acc"]
+    assert score[swa] == results["swa"]["exhaustive"]["joint_acc"]
+    if recomputed:  # after augmented training, training stored what the script recomputes
+      assert score[plain] == score[stored]
 
 
 @pytest.fixture(scope="module")
