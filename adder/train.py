@@ -388,6 +388,11 @@ def recompute_batch_stats(
   return avg
 
 
+# One jitted recompute: the final and the averaged weights share its compilation.
+_recompute_batch_stats_jit = jax.jit(recompute_batch_stats, static_argnums=0,
+                                     static_argnames="batch_sharding")
+
+
 def evaluate(
     eval_fn: Callable,
     variables: dict,
@@ -602,9 +607,9 @@ def plain_batch_stats(config: Config, s: Setup, params: Any) -> Any:
   """
   indices = jnp.arange(s.steps_per_epoch * config.batch_size, dtype=jnp.int32).reshape(
       s.steps_per_epoch, config.batch_size)
-  recompute = jax.jit(recompute_batch_stats, static_argnums=0,
-                      static_argnames="batch_sharding")
-  return recompute(s.model, params, s.train_x, indices, batch_sharding=s.batch_sharding)
+  return _recompute_batch_stats_jit(s.model, params, s.train_x, indices,
+                                    batch_sharding=s.batch_sharding)
+
 
 
 def final_weight_sets(config: Config, s: Setup, state: TrainState) -> dict[str, dict]:
