@@ -12,8 +12,9 @@ forward one on the padded output gradient with the flipped kernel
 The source is compiled on first use with the host's C++ compiler (``$CXX``,
 else ``c++``), for the host's own CPU (``-march=native``), against the FFI
 headers that come with jaxlib, and kept in ``$ADDER_CACHE_DIR`` (default
-``$XDG_CACHE_HOME/adder``, else ``~/.cache/adder``) under a name that hashes the source, the flags, jaxlib's
-version and the CPU, so a later process only loads it. Where that fails (no
+``$XDG_CACHE_HOME/adder``, else ``~/.cache/adder``) under a name that hashes
+the source, the flags, jaxlib's version and the CPU, so a later process only
+loads it. Where that fails (no
 compiler, another OS), or with ``ADDER_CPU_KERNELS=0``, `adder.model` keeps
 XLA's own convolutions; `describe` says which, for the start-up log.
 
