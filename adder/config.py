@@ -19,7 +19,7 @@ NOT_RUN_FIELDS = ("mnist_dir", "data_dir", "require_gpu", "eval_batch_size", "sa
 # without them ran with (their defaults may differ): `Config.from_dict`.
 ADDED_FIELDS = {"augment_scale": 0.0, "plain_last_epochs": 0, "swa_lr": None,
                 "consistency_weight": 0.0, "augment_elastic_px": 0.0,
-                "plain_batch_stats": False}
+                "plain_batch_stats": False, "label_smoothing": 0.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,10 @@ class Config:
   # Chosen by experiments/sweep.py over three seeds (README, "How the recipe
   # was chosen").
   consistency_weight: float = 1.0
+  # Label smoothing of both heads' cross-entropies: the target puts 1 -
+  # label_smoothing on the true class and spreads label_smoothing evenly over
+  # all classes (`optax.smooth_labels`). 0: the one-hot targets of the original.
+  label_smoothing: float = 0.0
 
   # --- optimizer: SGD with momentum on PyTorch's OneCycleLR ---
   lr: float = 0.2  # peak learning rate (OneCycleLR's max_lr); chosen by experiments/sweep.py

@@ -86,12 +86,14 @@ def create_augment(config: Config) -> Optional[Augment]:
 class TrainState(train_state.TrainState):
   """params, opt_state and step (from Flax) plus the BatchNorm running statistics.
 
-  ``consistency_weight`` is the loss's (`Config.consistency_weight`), static
-  like ``tx``: `train_step` trains whatever state it is given by its own recipe.
+  ``consistency_weight`` and ``label_smoothing`` are the loss's (`Config`'s),
+  static like ``tx``: `train_step` trains whatever state it is given by its own
+  recipe.
   """
 
   batch_stats: Any
   consistency_weight: float = struct.field(pytree_node=False, default=0.0)
+  label_smoothing: float = struct.field(pytree_node=False, default=0.0)
 
 
 def create_train_state(
@@ -107,20 +109,37 @@ def create_train_state(
       batch_stats=variables["batch_stats"],
       tx=tx,
       consistency_weight=config.consistency_weight,
+      label_smoothing=config.label_smoothing,
   )
   return state, lr_fn
 
 
+def head_cross_entropy(logits: jax.Array, labels: jax.Array,
+                       label_smoothing: float = 0.0) -> jax.Array:
+  """Each case's cross-entropy against its label, smoothed by `label_smoothing`.
+
+  Args: logits float32 (B, K); integer labels (B,) in 0..K-1; a static
+    smoothing in [0, 1) (0: the one-hot target).
+  Returns: float32 (B,).
+  """
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
 def cross_entropy_loss(
-    digit_logits: jax.Array, sum_logits: jax.Array, digits: jax.Array, sums: jax.Array
+    digit_logits: jax.Array, sum_logits: jax.Array, digits: jax.Array, sums: jax.Array,
+    label_smoothing: float = 0.0,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """Mean cross-entropy of the digit head plus mean cross-entropy of the sum head.
 
-  Args: logits float32 (B, 10) and (B, 19); integer labels (B,).
+  Args: logits float32 (B, 10) and (B, 19); integer labels (B,); the static
+    `label_smoothing` of both (`head_cross_entropy`).
   Returns: ``(total, (digit_loss, sum_loss))``, float32 scalars.
   """
-  digit_loss = optax.softmax_cross_entropy_with_integer_labels(digit_logits, digits).mean()
-  sum_loss = optax.softmax_cross_entropy_with_integer_labels(sum_logits, sums).mean()
+  digit_loss = head_cross_entropy(digit_logits, digits, label_smoothing).mean()
+  sum_loss = head_cross_entropy(sum_logits, sums, label_smoothing).mean()
   return digit_loss + sum_loss, (digit_loss, sum_loss)
 
 
@@ -201,7 +220,7 @@ def objective(
       {"params": params, "batch_stats": state.batch_stats},
       batch["image"], batch["number"], train=True, mutable=["batch_stats"])
   loss, (digit_loss, sum_loss) = cross_entropy_loss(
-      digit_logits, sum_logits, batch["digit"], batch["sum"])
+      digit_logits, sum_logits, batch["digit"], batch["sum"], state.label_smoothing)
   metrics = {"digit_loss": digit_loss, "sum_loss": sum_loss}
   if state.consistency_weight:
     metrics["consistency_loss"] = consistency_loss(
@@ -306,11 +325,13 @@ def eval_step(
     digits: jax.Array,
     *,
     consistency_weight: float = 0.0,
+    label_smoothing: float = 0.0,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Predictions and losses for the cases (image_index[b], numbers[b]) of digit digits[b].
 
-  Eval mode (running BatchNorm statistics). Jit it with ``apply_fn`` and
-  ``consistency_weight`` static; `evaluate` feeds it fixed-size chunks.
+  Eval mode (running BatchNorm statistics). Jit it with ``apply_fn``,
+  ``consistency_weight`` and ``label_smoothing`` static; `evaluate` feeds it
+  fixed-size chunks.
 
   Returns:
     ``(digit_pred, sum_pred, loss)``: int32 (B,) predictions, and float32 (B,)
@@ -319,8 +340,8 @@ def eval_step(
   """
   digit_logits, sum_logits = apply_fn(
       variables, model_lib.normalize_images(images_u8[image_index]), numbers, train=False)
-  loss = (optax.softmax_cross_entropy_with_integer_labels(digit_logits, digits)
-          + optax.softmax_cross_entropy_with_integer_labels(sum_logits, digits + numbers))
+  loss = (head_cross_entropy(digit_logits, digits, label_smoothing)
+          + head_cross_entropy(sum_logits, digits + numbers, label_smoothing))
   if consistency_weight:
     loss = loss + consistency_weight * consistency_loss(digit_logits, sum_logits, numbers)
   return (jnp.argmax(digit_logits, -1).astype(jnp.int32),
@@ -560,7 +581,8 @@ def setup(config: Config, dataset: dict[str, np.ndarray]) -> tuple[Setup, TrainS
   epoch_fn = epoch_function(config, batch_sharding)
   # Evaluation chunks split along `data` too; the outputs come back replicated.
   eval_fn = jax.jit(functools.partial(eval_step, model.apply,
-                                      consistency_weight=config.consistency_weight),
+                                      consistency_weight=config.consistency_weight,
+                                      label_smoothing=config.label_smoothing),
                     out_shardings=replicated)
   eval_batch = -(-config.eval_batch_size // n_dev) * n_dev
   evaluate_ = functools.partial(evaluate, eval_fn, images_u8=test_x,
@@ -1027,6 +1049,9 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
                       "(default: %(default)s)")
   p.add_argument("--no-augment", action="store_true",
                  help="train on the images as they are (the PyTorch reference's recipe)")
+  p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, metavar="EPS",
+                 help="label smoothing of both heads' cross-entropies, in [0, 1) (0: "
+                      "one-hot targets; default: %(default)s)")
   p.add_argument("--running-batch-stats", action="store_true",
                  help="keep the final weights' running BatchNorm statistics (default: "
                       "after augmented training, recompute them on the plain training "
@@ -1051,6 +1076,8 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
       p.error(f"{flag} must be between 0 and {most}")
   if not 0.5 <= a.augment_elastic_sigma <= 14:
     p.error("--augment-elastic-sigma must be between 0.5 and 14")
+  if not 0 <= a.label_smoothing < 1:
+    p.error("--label-smoothing must be at least 0 and less than 1")
   if not 0 <= a.plain_last_epochs <= a.epochs:
     p.error("--plain-last-epochs must be between 0 and --epochs")
   config = config_from_flags(p, a).replace(
@@ -1058,7 +1085,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
       augment_shift_px=a.augment_shift, augment_rotate_deg=a.augment_rotate,
       augment_scale=a.augment_scale, augment_elastic_px=a.augment_elastic,
       augment_elastic_sigma=a.augment_elastic_sigma, plain_last_epochs=a.plain_last_epochs,
-      plain_batch_stats=not a.running_batch_stats)
+      plain_batch_stats=not a.running_batch_stats, label_smoothing=a.label_smoothing)
   if a.no_augment:
     config = config.without_augmentation()
   return config, a

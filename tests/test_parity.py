@@ -296,6 +296,18 @@ def test_parity_loss_and_every_gradient(weight):
   assert_close_abs_or_rel(grads, t_grads, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("num_classes", [10, 19])
+def test_parity_label_smoothing_is_torch_cross_entropys(num_classes):
+  rng = np.random.default_rng(num_classes)
+  logits = rng.normal(0, 3, (32, num_classes)).astype(np.float32)
+  labels = rng.integers(0, num_classes, 32)
+  for eps in (0.0, 0.1, 0.3):
+    ours = train_lib.head_cross_entropy(jnp.asarray(logits), jnp.asarray(labels, jnp.int32), eps)
+    theirs = torch.nn.functional.cross_entropy(
+        torch.from_numpy(logits), torch.from_numpy(labels), reduction="none", label_smoothing=eps)
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-5, err_msg=f"eps={eps}")
+
+
 # --- 3. BatchNorm running statistics --------------------------------------------
 
 

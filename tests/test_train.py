@@ -81,17 +81,32 @@ def test_consistency_loss_pulls_each_head_toward_the_other_held_fixed():
   np.testing.assert_allclose(s_grad, jax.nn.softmax(sum_logits) - digit_as_sum, atol=1e-6)
 
 
-@pytest.mark.parametrize("weight", [0.0, 0.5])
-def test_train_step_objective_is_cross_entropy_plus_weighted_consistency(fake_mnist, weight):
-  state, _ = train_lib.create_train_state(TINY.replace(consistency_weight=weight),
-                                          jax.random.PRNGKey(0), 8)
-  assert state.consistency_weight == weight
+def test_smoothed_cross_entropy_spreads_eps_over_every_class():
+  rng = np.random.default_rng(2)
+  logits = jnp.asarray(rng.normal(0, 2, (6, 19)), jnp.float32)
+  labels = jnp.array([0, 18, 3, 7, 7, 11])
+  log_p = jax.nn.log_softmax(logits)
+  plain = -log_p[jnp.arange(6), labels]
+  np.testing.assert_allclose(train_lib.head_cross_entropy(logits, labels), plain, rtol=1e-6)
+  eps = 0.2
+  smoothed = train_lib.head_cross_entropy(logits, labels, eps)
+  chex.assert_shape(smoothed, (6,))
+  np.testing.assert_allclose(smoothed, (1 - eps) * plain - eps * log_p.mean(-1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("weight,eps", [(0.0, 0.0), (0.5, 0.0), (0.5, 0.1)])
+def test_train_step_objective_is_cross_entropy_plus_weighted_consistency(fake_mnist, weight,
+                                                                         eps):
+  state, _ = train_lib.create_train_state(
+      TINY.replace(consistency_weight=weight, label_smoothing=eps), jax.random.PRNGKey(0), 8)
+  assert (state.consistency_weight, state.label_smoothing) == (weight, eps)
   batch = _batch(fake_mnist)
   _, metrics = train_lib.train_step(state, batch)
   (digit_logits, sum_logits), _ = state.apply_fn(
       {"params": state.params, "batch_stats": state.batch_stats}, batch["image"],
       batch["number"], train=True, mutable=["batch_stats"])
-  ce, _ = train_lib.cross_entropy_loss(digit_logits, sum_logits, batch["digit"], batch["sum"])
+  ce, _ = train_lib.cross_entropy_loss(digit_logits, sum_logits, batch["digit"], batch["sum"],
+                                      eps)
   consistency = train_lib.consistency_loss(digit_logits, sum_logits, batch["number"]).mean()
   assert float(consistency) > 1e-3  # untrained heads disagree
   np.testing.assert_allclose(metrics["loss"], ce + weight * consistency, rtol=1e-5)
@@ -217,21 +232,22 @@ def test_short_run_loss_falls_and_learns(short_run):
   assert rows[-1]["test_loss"] < rows[0]["test_loss"]
 
 
-@pytest.mark.parametrize("weight", [0.0, 0.5])
-def test_evaluate_loss_is_the_training_loss_in_eval_mode(fake_mnist, weight):
+@pytest.mark.parametrize("weight,eps", [(0.0, 0.0), (0.5, 0.0), (0.5, 0.1)])
+def test_evaluate_loss_is_the_training_loss_in_eval_mode(fake_mnist, weight, eps):
   model = model_lib.create_model(TINY)
   variables = model_lib.init_variables(model, jax.random.PRNGKey(0))
   images, labels = jnp.asarray(fake_mnist["test_images"]), fake_mnist["test_labels"]
   index = np.arange(len(labels), dtype=np.int32)
   numbers = data_lib.test_numbers(len(labels), TINY.eval_seed)
   eval_fn = jax.jit(functools.partial(train_lib.eval_step, model.apply,
-                                      consistency_weight=weight))
+                                      consistency_weight=weight, label_smoothing=eps))
   # 64 cases in chunks of 48: the second chunk is padded, and its padding ignored.
   scores, (digit_pred, sum_pred) = train_lib.evaluate(
       eval_fn, variables, images, labels, index, numbers, batch_size=48)
   digit_logits, sum_logits = model.apply(
       variables, model_lib.normalize_images(images), jnp.asarray(numbers), train=False)
-  expected, _ = train_lib.cross_entropy_loss(digit_logits, sum_logits, labels, labels + numbers)
+  expected, _ = train_lib.cross_entropy_loss(digit_logits, sum_logits, labels, labels + numbers,
+                                             eps)
   expected += weight * train_lib.consistency_loss(digit_logits, sum_logits, numbers).mean()
   assert scores["loss"] == pytest.approx(float(expected), rel=1e-5)
   np.testing.assert_array_equal(digit_pred, np.argmax(digit_logits, -1))
@@ -296,6 +312,7 @@ def _cli(*args, env=None):
     (["--augment-scale", "0.6"], "--augment-scale must be between 0 and 0.5"),
     (["--augment-elastic", "-0.5"], "--augment-elastic must be between 0 and 5"),
     (["--augment-elastic-sigma", "0"], "--augment-elastic-sigma must be between 0.5 and 14"),
+    (["--label-smoothing", "1"], "--label-smoothing must be at least 0 and less than 1"),
     (["--epochs", "2", "--plain-last-epochs", "3"],
      "--plain-last-epochs must be between 0 and --epochs"),
 ])
@@ -311,6 +328,7 @@ def test_cli_recipe_flags_reach_the_config():
   assert (config.augment_elastic_px, config.augment_elastic_sigma) == (0.5, 3.0)
   assert train_lib.parse_args([])[0] == Config()
   assert not train_lib.parse_args(["--running-batch-stats"])[0].plain_batch_stats
+  assert train_lib.parse_args(["--label-smoothing", "0.1"])[0].label_smoothing == 0.1
 
 
 def test_cli_missing_dataset_is_one_clear_line(tmp_path):
@@ -513,11 +531,11 @@ def test_run_differences_ignore_where_the_data_is():
 def test_a_config_saved_before_a_field_existed_reads_as_it_ran():
   saved = Config().to_dict()
   for name in ("augment_scale", "consistency_weight", "plain_last_epochs", "swa_lr",
-               "plain_batch_stats"):
+               "plain_batch_stats", "label_smoothing"):
     del saved[name]
   old = Config.from_dict({**saved, "unknown_field": 1})
   assert (old.augment_scale, old.consistency_weight, old.plain_last_epochs, old.swa_lr,
-          old.plain_batch_stats) == (0.0, 0.0, 0, None, False)
+          old.plain_batch_stats, old.label_smoothing) == (0.0, 0.0, 0, None, False, 0.0)
   assert Config().consistency_weight > 0 and Config().augment_scale > 0  # not the defaults
   assert Config().plain_batch_stats
   assert Config.from_dict(Config().to_dict()) == Config()
