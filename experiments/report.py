@@ -4,6 +4,7 @@ Commands (what produced the "Results" and "Training logs" tables in README.md):
 
   python experiments/report.py pretrained
   python experiments/report.py runs/seeds/0 runs/seeds/1 runs/seeds/2
+  python experiments/report.py --by-recipe runs/sweep-a/x=1_seed{0,1,2} runs/sweep-a/x=2_seed{0,1,2}
 
 With one workdir: the results table (final and SWA weights on the fixed test
 pairs and the exhaustive set), the exhaustive set's joint accuracy for each
@@ -11,7 +12,11 @@ integer with the share of right sums among right digits, and the per-epoch
 log. With several (runs of one recipe with different seeds): each run's joint
 accuracies, then its exhaustive digit accuracy and share of right sums among
 right digits (a misread image, or the adder part wrong), each with the mean
-and standard deviation. Everything is read from
+and standard deviation. With ``--by-recipe``: one row per recipe, the runs
+grouped by their workdir's name less its ``_seed<N>`` suffix (the names
+`experiments/sweep.py` gives), with the exhaustive set's joint accuracy per
+seed and, as mean ± std, its joint and digit accuracy and the share of right
+sums among right digits, each for the final / SWA weights. Everything is read from
 ``results.json`` and ``metrics.jsonl``; only the mean and deviation are
 computed here.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -96,6 +102,45 @@ def adder_table(runs: list[dict]) -> str:
                          "SWA sum right, digit right", columns)
 
 
+def recipe_name(workdir: str) -> str:
+  """A run's recipe: its workdir's name less a ``_seed<N>`` suffix."""
+  return re.sub(r"_seed\d+$", "", os.path.basename(os.path.normpath(workdir)))
+
+
+def _pair(values: list[float], std: bool) -> str:
+  """'final / swa' in points, each with ± its sample std over seeds if `std`."""
+  def cell(v):
+    if not std:
+      return f"{100 * v[0]:.2f}"
+    dev = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{100 * statistics.mean(v):.2f} ± {100 * dev:.2f}"
+  return " / ".join(cell(v) for v in values)
+
+
+def recipes_table(workdirs: list[str], runs: list[dict]) -> str:
+  """One row per recipe (`recipe_name`), in order of first appearance, over its seeds.
+
+  Exhaustive set, final / SWA weights: joint accuracy per seed, then mean ±
+  sample std of joint accuracy, digit accuracy and sum right given digit right.
+  """
+  groups: dict[str, list[dict]] = {}
+  for workdir, r in zip(workdirs, runs):
+    groups.setdefault(recipe_name(workdir), []).append(r)
+  rows = ["| run | seeds | joint, per seed | joint | digit | sum right, digit right |",
+          "|---|---|---|---|---|---|"]
+  for name, group in groups.items():
+    def column(key):
+      return [[r[w]["exhaustive"].get(key, float("nan")) if w in r else float("nan")
+               for r in group] for w in ("final", "swa")]
+    joint = column("joint_acc")
+    per_seed = ", ".join(_pair([[f], [s]], std=False) for f, s in zip(*joint))
+    seeds = ", ".join(str(r["config"]["seed"]) for r in group)
+    rows.append(f"| {name} | {seeds} | {per_seed} | {_pair(joint, True)} | "
+                f"{_pair(column('digit_acc'), True)} | "
+                f"{_pair(column('sum_given_digit'), True)} |")
+  return "\n".join(rows)
+
+
 def log_table(rows: list[dict]) -> str:
   out = ["| epoch | train loss | test digit | test sum | test joint | lr | seconds |",
          "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -109,6 +154,8 @@ def log_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description="Markdown tables of training runs.")
   p.add_argument("workdirs", nargs="+", metavar="WORKDIR")
+  p.add_argument("--by-recipe", action="store_true",
+                 help="one row per recipe (workdir name less _seed<N>), over its seeds")
   a = p.parse_args(argv)
   runs, logs = [], []
   for workdir in a.workdirs:
@@ -120,6 +167,9 @@ def main(argv=None) -> int:
     except (OSError, json.JSONDecodeError) as e:
       print(f"error: cannot read the run in {workdir}: {e}", file=sys.stderr)
       return 2
+  if a.by_recipe:
+    print(recipes_table(a.workdirs, runs))
+    return 0
   if len(runs) > 1:
     print(seeds_table(runs))
     print()

@@ -53,6 +53,19 @@ def test_seeds_table_has_each_run_and_mean_and_sample_std(tmp_path):
   assert lines[12].startswith(f"| mean ± std | **{mean:.2%} ± {std:.2%}** | **99.90% ± 0.00%**")
 
 
+def test_by_recipe_groups_runs_by_name_less_seed(tmp_path):
+  a = [_workdir(tmp_path / f"lr=0.1_seed{s}", s, [0, 0.995 + s / 1000, 0, 0.996]) for s in (0, 1)]
+  b = [_workdir(tmp_path / "lr=0.3_seed2", 2, [0, 0.99, 0, 0.98])]
+  r = _report("--by-recipe", a[0], b[0], a[1])
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.splitlines()
+  assert len(lines) == 4
+  std = 100 * statistics.stdev([0.995, 0.996])
+  assert lines[2] == (f"| lr=0.1 | 0, 1 | 99.50 / 99.60, 99.60 / 99.60 | 99.55 ± {std:.2f} / "
+                      f"99.60 ± 0.00 | 99.55 ± {std:.2f} / 99.60 ± 0.00 | 99.90 ± 0.00 / 99.90 ± 0.00 |")
+  assert lines[3].startswith("| lr=0.3 | 2 | 99.00 / 98.00 | 99.00 ± 0.00 / 98.00 ± 0.00 |")
+
+
 def test_one_run_has_the_by_integer_table(tmp_path):
   r = _report(_workdir(tmp_path / "a", 0, [0.99] * 4))
   assert r.returncode == 0, r.stderr
