@@ -107,13 +107,12 @@ def recipe_name(workdir: str) -> str:
   return re.sub(r"_seed\d+$", "", os.path.basename(os.path.normpath(workdir)))
 
 
-def _pair(values: list[float], std: bool) -> str:
-  """'final / swa' in points, each with ± its sample std over seeds if `std`."""
+def _pair(values: list[list[float]]) -> str:
+  """'final / swa' in points: each list's mean, with ± its sample std if it has several."""
   def cell(v):
-    if not std:
+    if len(v) == 1:
       return f"{100 * v[0]:.2f}"
-    dev = statistics.stdev(v) if len(v) > 1 else 0.0
-    return f"{100 * statistics.mean(v):.2f} ± {100 * dev:.2f}"
+    return f"{100 * statistics.mean(v):.2f} ± {100 * statistics.stdev(v):.2f}"
   return " / ".join(cell(v) for v in values)
 
 
@@ -121,7 +120,8 @@ def recipes_table(workdirs: list[str], runs: list[dict]) -> str:
   """One row per recipe (`recipe_name`), in order of first appearance, over its seeds.
 
   Exhaustive set, final / SWA weights: joint accuracy per seed, then mean ±
-  sample std of joint accuracy, digit accuracy and sum right given digit right.
+  sample std (a recipe of one run: its figures) of joint accuracy, digit
+  accuracy and sum right given digit right.
   """
   groups: dict[str, list[dict]] = {}
   for workdir, r in zip(workdirs, runs):
@@ -133,11 +133,10 @@ def recipes_table(workdirs: list[str], runs: list[dict]) -> str:
       return [[r[w]["exhaustive"].get(key, float("nan")) if w in r else float("nan")
                for r in group] for w in ("final", "swa")]
     joint = column("joint_acc")
-    per_seed = ", ".join(_pair([[f], [s]], std=False) for f, s in zip(*joint))
+    per_seed = ", ".join(_pair([[f], [s]]) for f, s in zip(*joint))
     seeds = ", ".join(str(r["config"]["seed"]) for r in group)
-    rows.append(f"| {name} | {seeds} | {per_seed} | {_pair(joint, True)} | "
-                f"{_pair(column('digit_acc'), True)} | "
-                f"{_pair(column('sum_given_digit'), True)} |")
+    rows.append(f"| {name} | {seeds} | {per_seed} | {_pair(joint)} | "
+                f"{_pair(column('digit_acc'))} | {_pair(column('sum_given_digit'))} |")
   return "\n".join(rows)
 
 
