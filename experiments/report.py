@@ -129,15 +129,19 @@ def recipes_table(workdirs: list[str], runs: list[dict]) -> str:
   rows = ["| run | seeds | joint, per seed | joint | digit | sum right, digit right |",
           "|---|---|---|---|---|---|"]
   for name, group in groups.items():
-    def column(key):
-      return [[r[w]["exhaustive"].get(key, float("nan")) if w in r else float("nan")
-               for r in group] for w in ("final", "swa")]
-    joint = column("joint_acc")
+    joint = _exhaustive(group, "joint_acc")
     per_seed = ", ".join(_pair([[f], [s]]) for f, s in zip(*joint))
     seeds = ", ".join(str(r["config"]["seed"]) for r in group)
     rows.append(f"| {name} | {seeds} | {per_seed} | {_pair(joint)} | "
-                f"{_pair(column('digit_acc'))} | {_pair(column('sum_given_digit'))} |")
+                f"{_pair(_exhaustive(group, 'digit_acc'))} | "
+                f"{_pair(_exhaustive(group, 'sum_given_digit'))} |")
   return "\n".join(rows)
+
+
+def _exhaustive(runs: list[dict], key: str) -> list[list[float]]:
+  """[final, swa]: each run's exhaustive-set `key` for those weights (NaN where absent)."""
+  return [[r[w]["exhaustive"].get(key, float("nan")) if w in r else float("nan") for r in runs]
+          for w in ("final", "swa")]
 
 
 def log_table(rows: list[dict]) -> str:
