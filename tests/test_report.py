@@ -5,6 +5,7 @@ import statistics
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from adder.config import Config
@@ -12,6 +13,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "experiments"))
 import batch_stats  # noqa: E402  pylint: disable=g-import-not-at-top
+import hard_images  # noqa: E402  pylint: disable=g-import-not-at-top
 import sweep  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
@@ -116,8 +118,18 @@ def test_batch_stats_table_counts_gains_ties_and_losses():
                       "**99.53%** | **99.54%** | **99.53%** |")
 
 
-def test_batch_stats_of_a_missing_run_is_one_error_line(tmp_path):
-  r = subprocess.run([sys.executable, str(REPO / "experiments" / "batch_stats.py"),
+def test_hard_images_table_counts_images_by_how_many_runs_misread_them():
+  wrong = np.array([[1, 1, 0, 0, 1], [1, 0, 1, 0, 0], [1, 0, 0, 0, 0]], bool)
+  lines = hard_images.table(wrong).splitlines()
+  # Six misread images over the runs: image 0 three times, 1, 2 and 4 once each.
+  assert lines[2:6] == ["| 3 of 3 runs | 1 | 50% |", "| 2 of 3 runs | 0 | 0% |",
+                        "| 1 of 3 runs | 3 | 50% |", "| any run | 4 | |"]
+  assert lines[7] == "Misread by one run: 2.0 images on the mean (1 to 3)."
+
+
+@pytest.mark.parametrize("script", ["batch_stats.py", "hard_images.py"])
+def test_checkpoint_scripts_of_a_missing_run_are_one_error_line(tmp_path, script):
+  r = subprocess.run([sys.executable, str(REPO / "experiments" / script),
                       str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120)
   assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
   assert len(r.stderr.strip().splitlines()) == 1

@@ -206,6 +206,20 @@ def test_batch_stats_script_scores_the_plain_statistics_that_training_stored(
       assert score[plain] == score[stored]
 
 
+def test_hard_images_script_misreads_what_training_scored(short_run, fake_mnist):
+  sys.path.insert(0, str(REPO / "experiments"))
+  import hard_images  # pylint: disable=g-import-not-at-top
+  workdir, results = short_run
+  num_images = len(fake_mnist["test_labels"])
+  for weights in ("final", "swa"):
+    misread = hard_images.misread(workdir, fake_mnist, weights)
+    chex.assert_shape(misread, (num_images,))
+    # Each misread image is wrong in 1 to 10 of its cases, the rest in none.
+    wrong_cases = round((1 - results[weights]["exhaustive"]["digit_acc"]) * num_images * 10)
+    assert math.ceil(wrong_cases / 10) <= misread.sum() <= wrong_cases
+    assert wrong_cases > 0  # three tiny epochs leave some images misread
+
+
 @pytest.fixture(scope="module")
 def short_run(fake_mnist, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("run"))

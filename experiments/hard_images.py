@@ -1,0 +1,94 @@
+"""Which test images saved runs misread, and how many of them every run misreads.
+
+Command (what produced the table in README.md's "How the recipe was chosen"):
+
+  P=runs/sweep-plainbn
+  python experiments/hard_images.py --data-dir .data/tfds \
+      $P/plain_batch_stats=true_seed{0,1,2,3,4,5} $P/augment_rotate_deg=15_seed{0,1,2,3,4,5}
+
+Each workdir's checkpoint (`adder.checkpoint.load`) is scored on the
+exhaustive set (every test image with every integer) with its SWA weights
+(``--weights final``: its final ones), as training scored it. A run misreads
+an image when its digit head is wrong for at least one of the image's ten
+cases. The table counts the test images by how many of the runs misread
+them: if the runs shared no hard images, few would be misread by all; if
+their errors are one fixed set of hard images, most would be. The indices of
+the images every run misreads follow the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from adder import checkpoint  # pylint: disable=g-import-not-at-top
+from adder import config as config_lib
+from adder import data as data_lib
+from adder import train as train_lib
+
+
+def misread(workdir: str, dataset: dict, weights: str = "swa") -> np.ndarray:
+  """bool (N,): the test images whose digit `workdir`'s `weights` get wrong in any case."""
+  config, weight_sets = checkpoint.load(workdir)
+  if weights not in weight_sets:
+    raise checkpoint.CheckpointError(f"{workdir} has no {weights} weights")
+  s, _ = train_lib.setup(config, dataset)
+  num_images = s.test_y.shape[0]
+  image_index, numbers = data_lib.exhaustive_pairs(num_images)
+  _, (digit_pred, _) = s.evaluate(weight_sets[weights], image_index=image_index,
+                                  numbers=numbers)
+  wrong = np.asarray(digit_pred) != np.asarray(s.test_y)[image_index]
+  return wrong.reshape(num_images, 10).any(axis=1)  # case 10 * i + k is image i
+
+
+def table(wrong: np.ndarray) -> str:
+  """Images by how many of the runs misread them; `wrong` is bool (runs, N)."""
+  runs = wrong.shape[0]
+  times = wrong.sum(axis=0)
+  rows = ["| misread by | images | share of a run's misread images |", "|---|---:|---:|"]
+  per_run = wrong.sum(axis=1)
+  for k in range(runs, 0, -1):
+    images = int((times == k).sum())
+    # Each image misread by k runs is k of the runs' misread images.
+    share = k * images / per_run.sum() if per_run.sum() else 0.0
+    rows.append(f"| {k} of {runs} runs | {images} | {share:.0%} |")
+  rows.append(f"| any run | {int((times > 0).sum())} | |")
+  rows.append("")
+  rows.append(f"Misread by one run: {statistics.mean(per_run.tolist()):.1f} images on the mean "
+              f"({int(per_run.min())} to {int(per_run.max())}).")
+  return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+  p.add_argument("workdirs", nargs="+", help="training workdirs (or checkpoint folders)")
+  p.add_argument("--weights", choices=("swa", "final"), default="swa",
+                 help="which weights of each run (default: %(default)s)")
+  config_lib.add_data_flags(p)
+  a = p.parse_args(argv)
+  try:
+    for workdir in a.workdirs:  # every path checked before the data loads
+      checkpoint.find(workdir)
+    dataset = data_lib.load_mnist(a.mnist_dir, a.data_dir)
+    wrong = []
+    for workdir in a.workdirs:
+      wrong.append(misread(workdir, dataset, a.weights))
+      print(f"{workdir}: {int(wrong[-1].sum())} images misread", file=sys.stderr, flush=True)
+  except (checkpoint.CheckpointError, data_lib.DataError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  wrong = np.stack(wrong)
+  print(table(wrong))
+  print()
+  print("Misread by every run: " + " ".join(f"#{i}" for i in np.flatnonzero(wrong.all(axis=0))))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
