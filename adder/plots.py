@@ -161,12 +161,23 @@ def plot_mistakes(
   """
   wrong = mistakes(labels, numbers, digit_pred, sum_pred)
   shown = wrong[:NUM_MISTAKES]
-  fig, axes = _image_grid(images, shown, row_height=1.9)
-  for ax, i in zip(axes, shown):
-    ax.set_title(f"#{i} n={numbers[i]}\nd {labels[i]}→{digit_pred[i]} "
-                 f"s {labels[i] + numbers[i]}→{sum_pred[i]}", fontsize=7, color="red")
-  fig.suptitle(f"Wrong test cases: {len(wrong)} of {len(labels)} "
-               f"(first {len(shown)}); true → predicted digit d and sum s, integer n")
+  titles = [f"#{i} n={numbers[i]}\nd {labels[i]}→{digit_pred[i]} "
+            f"s {labels[i] + numbers[i]}→{sum_pred[i]}" for i in shown]
+  return plot_gallery(images, shown, titles,
+                      f"Wrong test cases: {len(wrong)} of {len(labels)} (first {len(shown)}); "
+                      "true → predicted digit d and sum s, integer n", path)
+
+
+def plot_gallery(images: np.ndarray, indices, titles: Sequence[str], suptitle: str,
+                 path: str) -> str:
+  """``images[indices]`` in rows, each under its two-line title in red.
+
+  Args: images uint8 (N, 28, 28); indices int (M,); M titles.
+  """
+  fig, axes = _image_grid(images, indices, row_height=1.9)
+  for ax, title in zip(axes, titles):
+    ax.set_title(title, fontsize=7, color="red")
+  fig.suptitle(suptitle)
   return _save(fig, path)
 
 

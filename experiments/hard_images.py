@@ -3,7 +3,7 @@
 Command (what produced the table in README.md's "How the recipe was chosen"):
 
   P=runs/sweep-plainbn
-  python experiments/hard_images.py --data-dir .data/tfds \
+  python experiments/hard_images.py --data-dir .data/tfds --gallery docs/figures/hard_images.png \
       $P/plain_batch_stats=true_seed{0,1,2,3,4,5} $P/augment_rotate_deg=15_seed{0,1,2,3,4,5}
 
 Each workdir's checkpoint (`adder.checkpoint.load`) is scored on the
@@ -13,7 +13,8 @@ an image when its digit head is wrong for at least one of the image's ten
 cases. The table counts the test images by how many of the runs misread
 them: if the runs shared no hard images, few would be misread by all; if
 their errors are one fixed set of hard images, most would be. The indices of
-the images every run misreads follow the table.
+the images every run misreads follow the table; ``--gallery PNG`` draws them,
+each with its label and the wrong digit the runs read most often.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from adder import checkpoint  # pylint: disable=g-import-not-at-top
 from adder import config as config_lib
 from adder import data as data_lib
+from adder import plots
 from adder import train as train_lib
 
 
-def misread(workdir: str, dataset: dict, weights: str = "swa") -> np.ndarray:
-  """bool (N,): the test images whose digit `workdir`'s `weights` get wrong in any case."""
+def readings(workdir: str, dataset: dict, weights: str = "swa") -> np.ndarray:
+  """int32 (N, 10): the digit `workdir`'s `weights` read in test image i with integer k."""
   config, weight_sets = checkpoint.load(workdir)
   if weights not in weight_sets:
     raise checkpoint.CheckpointError(f"{workdir} has no {weights} weights")
@@ -43,8 +45,25 @@ def misread(workdir: str, dataset: dict, weights: str = "swa") -> np.ndarray:
   image_index, numbers = data_lib.exhaustive_pairs(num_images)
   _, (digit_pred, _) = s.evaluate(weight_sets[weights], image_index=image_index,
                                   numbers=numbers)
-  wrong = np.asarray(digit_pred) != np.asarray(s.test_y)[image_index]
-  return wrong.reshape(num_images, 10).any(axis=1)  # case 10 * i + k is image i
+  return np.asarray(digit_pred).reshape(num_images, 10)  # case 10 * i + k is image i
+
+
+def misread(readings_: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """bool (..., N): the images read wrong for any integer; readings (..., N, 10)."""
+  return (readings_ != np.asarray(labels)[:, None]).any(axis=-1)
+
+
+def most_read_wrong(readings_: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """int (N,): each image's most frequent wrong digit over runs and integers.
+
+  Args: readings int (runs, N, 10); labels int (N,). An image never read
+  wrong gets its label.
+  """
+  labels = np.asarray(labels)
+  counts = np.stack([(readings_ == d).sum(axis=(0, 2)) for d in range(10)], axis=1)  # (N, 10)
+  counts[np.arange(len(labels)), labels] = -1
+  wrong = counts.argmax(axis=1)
+  return np.where(counts.max(axis=1) > 0, wrong, labels)
 
 
 def table(wrong: np.ndarray) -> str:
@@ -70,23 +89,35 @@ def main(argv=None) -> int:
   p.add_argument("workdirs", nargs="+", help="training workdirs (or checkpoint folders)")
   p.add_argument("--weights", choices=("swa", "final"), default="swa",
                  help="which weights of each run (default: %(default)s)")
+  p.add_argument("--gallery", metavar="PNG",
+                 help="draw the images that every run misreads into this file")
   config_lib.add_data_flags(p)
   a = p.parse_args(argv)
   try:
     for workdir in a.workdirs:  # every path checked before the data loads
       checkpoint.find(workdir)
     dataset = data_lib.load_mnist(a.mnist_dir, a.data_dir)
-    wrong = []
+    labels = dataset["test_labels"]
+    runs = []
     for workdir in a.workdirs:
-      wrong.append(misread(workdir, dataset, a.weights))
-      print(f"{workdir}: {int(wrong[-1].sum())} images misread", file=sys.stderr, flush=True)
+      runs.append(readings(workdir, dataset, a.weights))
+      print(f"{workdir}: {int(misread(runs[-1], labels).sum())} images misread",
+            file=sys.stderr, flush=True)
   except (checkpoint.CheckpointError, data_lib.DataError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  wrong = np.stack(wrong)
+  runs = np.stack(runs)
+  wrong = misread(runs, labels)
   print(table(wrong))
   print()
-  print("Misread by every run: " + " ".join(f"#{i}" for i in np.flatnonzero(wrong.all(axis=0))))
+  hard = np.flatnonzero(wrong.all(axis=0))
+  print("Misread by every run: " + " ".join(f"#{i}" for i in hard))
+  if a.gallery:
+    read = most_read_wrong(runs, labels)
+    titles = [f"#{i}\nlabel {labels[i]}, read {read[i]}" for i in hard]
+    plots.plot_gallery(dataset["test_images"], hard, titles,
+                       f"Test images misread by all {len(runs)} runs: the label, and the "
+                       "wrong digit read most often", a.gallery)
   return 0
 
 

@@ -128,6 +128,18 @@ def test_hard_images_table_counts_images_by_how_many_runs_misread_them():
   assert lines[7] == "Misread by one run: 2.0 images on the mean (1 to 3)."
 
 
+def test_hard_images_misread_and_most_frequent_wrong_reading():
+  labels = np.array([3, 5, 7])
+  # Two runs; image 0 read 8 in three cases and 9 in one, image 1 always right,
+  # image 2 read 1 in one case.
+  readings = np.stack([np.array([3, 5, 7])[:, None].repeat(10, axis=1)] * 2)
+  readings[0, 0, :2], readings[1, 0, 0], readings[1, 0, 1] = 8, 8, 9
+  readings[1, 2, 4] = 1
+  np.testing.assert_array_equal(hard_images.misread(readings, labels),
+                                [[True, False, False], [True, False, True]])
+  np.testing.assert_array_equal(hard_images.most_read_wrong(readings, labels), [8, 5, 1])
+
+
 @pytest.mark.parametrize("script", ["batch_stats.py", "hard_images.py"])
 def test_checkpoint_scripts_of_a_missing_run_are_one_error_line(tmp_path, script):
   r = subprocess.run([sys.executable, str(REPO / "experiments" / script),

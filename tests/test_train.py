@@ -212,8 +212,9 @@ def test_hard_images_script_misreads_what_training_scored(short_run, fake_mnist)
   workdir, results = short_run
   num_images = len(fake_mnist["test_labels"])
   for weights in ("final", "swa"):
-    misread = hard_images.misread(workdir, fake_mnist, weights)
-    chex.assert_shape(misread, (num_images,))
+    readings = hard_images.readings(workdir, fake_mnist, weights)
+    chex.assert_shape(readings, (num_images, 10))
+    misread = hard_images.misread(readings, fake_mnist["test_labels"])
     # Each misread image is wrong in 1 to 10 of its cases, the rest in none.
     wrong_cases = round((1 - results[weights]["exhaustive"]["digit_acc"]) * num_images * 10)
     assert math.ceil(wrong_cases / 10) <= misread.sum() <= wrong_cases
