@@ -26,7 +26,6 @@ exhaustive set.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -34,9 +33,9 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from adder import checkpoint  # pylint: disable=g-import-not-at-top
-from adder import config as config_lib
 from adder import data as data_lib
 from adder import train as train_lib
+import saved_runs  # pylint: disable=g-bad-import-order
 
 COLUMNS = ("final, stored statistics", "final, plain statistics", "swa")
 
@@ -73,14 +72,10 @@ def table(runs: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-  p.add_argument("workdirs", nargs="+", help="training workdirs (or checkpoint folders)")
-  config_lib.add_data_flags(p)
+  p = saved_runs.parser(__doc__.split("\n\n", 1)[0])
   a = p.parse_args(argv)
   try:
-    for workdir in a.workdirs:  # every path checked before the data loads
-      checkpoint.find(workdir)
-    dataset = data_lib.load_mnist(a.mnist_dir, a.data_dir)
+    dataset = saved_runs.dataset(a)
     runs = {}
     for workdir in a.workdirs:
       runs[os.path.basename(os.path.normpath(workdir))] = score = scores(workdir, dataset)

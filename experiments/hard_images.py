@@ -19,7 +19,6 @@ each with its label and the wrong digit the runs read most often.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -29,10 +28,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from adder import checkpoint  # pylint: disable=g-import-not-at-top
-from adder import config as config_lib
 from adder import data as data_lib
 from adder import plots
 from adder import train as train_lib
+import saved_runs  # pylint: disable=g-bad-import-order
 
 
 def readings(workdir: str, dataset: dict, weights: str = "swa") -> np.ndarray:
@@ -85,18 +84,14 @@ def table(wrong: np.ndarray) -> str:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-  p.add_argument("workdirs", nargs="+", help="training workdirs (or checkpoint folders)")
+  p = saved_runs.parser(__doc__.split("\n\n", 1)[0])
   p.add_argument("--weights", choices=("swa", "final"), default="swa",
                  help="which weights of each run (default: %(default)s)")
   p.add_argument("--gallery", metavar="PNG",
                  help="draw the images that every run misreads into this file")
-  config_lib.add_data_flags(p)
   a = p.parse_args(argv)
   try:
-    for workdir in a.workdirs:  # every path checked before the data loads
-      checkpoint.find(workdir)
-    dataset = data_lib.load_mnist(a.mnist_dir, a.data_dir)
+    dataset = saved_runs.dataset(a)
     labels = dataset["test_labels"]
     runs = []
     for workdir in a.workdirs:
