@@ -34,7 +34,7 @@ from adder import train as train_lib
 import saved_runs  # pylint: disable=g-bad-import-order
 
 
-def readings(workdir: str, dataset: dict, weights: str = "swa") -> np.ndarray:
+def digit_readings(workdir: str, dataset: dict, weights: str = "swa") -> np.ndarray:
   """int32 (N, 10): the digit `workdir`'s `weights` read in test image i with integer k."""
   config, weight_sets = checkpoint.load(workdir)
   if weights not in weight_sets:
@@ -47,19 +47,19 @@ def readings(workdir: str, dataset: dict, weights: str = "swa") -> np.ndarray:
   return np.asarray(digit_pred).reshape(num_images, 10)  # case 10 * i + k is image i
 
 
-def misread(readings_: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def misread(readings: np.ndarray, labels: np.ndarray) -> np.ndarray:
   """bool (..., N): the images read wrong for any integer; readings (..., N, 10)."""
-  return (readings_ != np.asarray(labels)[:, None]).any(axis=-1)
+  return (readings != np.asarray(labels)[:, None]).any(axis=-1)
 
 
-def most_read_wrong(readings_: np.ndarray, labels: np.ndarray) -> np.ndarray:
+def most_read_wrong(readings: np.ndarray, labels: np.ndarray) -> np.ndarray:
   """int (N,): each image's most frequent wrong digit over runs and integers.
 
   Args: readings int (runs, N, 10); labels int (N,). An image never read
   wrong gets its label.
   """
   labels = np.asarray(labels)
-  counts = np.stack([(readings_ == d).sum(axis=(0, 2)) for d in range(10)], axis=1)  # (N, 10)
+  counts = np.stack([(readings == d).sum(axis=(0, 2)) for d in range(10)], axis=1)  # (N, 10)
   counts[np.arange(len(labels)), labels] = -1
   wrong = counts.argmax(axis=1)
   return np.where(counts.max(axis=1) > 0, wrong, labels)
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     labels = dataset["test_labels"]
     runs = []
     for workdir in a.workdirs:
-      runs.append(readings(workdir, dataset, a.weights))
+      runs.append(digit_readings(workdir, dataset, a.weights))
       print(f"{workdir}: {int(misread(runs[-1], labels).sum())} images misread",
             file=sys.stderr, flush=True)
   except (checkpoint.CheckpointError, data_lib.DataError) as e:

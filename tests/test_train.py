@@ -212,7 +212,7 @@ def test_hard_images_script_misreads_what_training_scored(short_run, fake_mnist)
   workdir, results = short_run
   num_images = len(fake_mnist["test_labels"])
   for weights in ("final", "swa"):
-    readings = hard_images.readings(workdir, fake_mnist, weights)
+    readings = hard_images.digit_readings(workdir, fake_mnist, weights)
     chex.assert_shape(readings, (num_images, 10))
     misread = hard_images.misread(readings, fake_mnist["test_labels"])
     # Each misread image is wrong in 1 to 10 of its cases, the rest in none.
