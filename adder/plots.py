@@ -170,7 +170,7 @@ def plot_mistakes(
 
 def plot_gallery(images: np.ndarray, indices, titles: Sequence[str], suptitle: str,
                  path: str) -> str:
-  """``images[indices]`` in rows, each under its two-line title in red.
+  """``images[indices]`` in rows, each under its title (one or two lines) in red.
 
   Args: images uint8 (N, 28, 28); indices int (M,); M titles.
   """

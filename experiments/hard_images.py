@@ -90,6 +90,8 @@ def main(argv=None) -> int:
   p.add_argument("--gallery", metavar="PNG",
                  help="draw the images that every run misreads into this file")
   a = p.parse_args(argv)
+  if a.gallery and not os.path.isdir(os.path.dirname(os.path.abspath(a.gallery))):
+    p.error(f"--gallery: no folder {os.path.dirname(os.path.abspath(a.gallery))}")
   try:
     dataset = saved_runs.dataset(a)
     labels = dataset["test_labels"]

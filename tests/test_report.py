@@ -146,3 +146,12 @@ def test_checkpoint_scripts_of_a_missing_run_are_one_error_line(tmp_path, script
                       str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120)
   assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
   assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_hard_images_refuses_a_gallery_in_no_folder_before_scoring(tmp_path):
+  r = subprocess.run([sys.executable, str(REPO / "experiments" / "hard_images.py"),
+                      "--gallery", str(tmp_path / "nowhere" / "g.png"), str(tmp_path)],
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and "Traceback" not in r.stderr
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.endswith(f"error: --gallery: no folder {tmp_path / 'nowhere'}")
