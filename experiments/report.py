@@ -73,6 +73,11 @@ ADDER_COLUMNS = (("final", "digit_acc"), ("final", "sum_given_digit"),
                  ("swa", "digit_acc"), ("swa", "sum_given_digit"))
 
 
+def _score(run: dict, weights: str, key: str, split: str = "exhaustive") -> float:
+  """A run's `key` for its `weights` on `split`; NaN where the run has none."""
+  return run[weights][split].get(key, float("nan")) if weights in run else float("nan")
+
+
 def _per_seed_table(runs: list[dict], header: str, columns: list[list[float]]) -> str:
   """One row per run (its seed) of `columns`' values, then mean ± sample standard deviation."""
   rows = [f"| seed | {header} |", "|---:|" + "---:|" * len(columns[0])]
@@ -88,16 +93,14 @@ def _per_seed_table(runs: list[dict], header: str, columns: list[list[float]]) -
 
 def seeds_table(runs: list[dict]) -> str:
   """Each run's joint accuracies (final and SWA, test pairs and exhaustive set), mean ± std."""
-  columns = [[r[w][s]["joint_acc"] if w in r else float("nan") for w, s in SEED_COLUMNS]
-             for r in runs]
+  columns = [[_score(r, w, "joint_acc", split) for w, split in SEED_COLUMNS] for r in runs]
   return _per_seed_table(runs, "final test joint | final exhaustive joint | SWA test joint | "
                          "SWA exhaustive joint", columns)
 
 
 def adder_table(runs: list[dict]) -> str:
   """Each run's exhaustive digit accuracy and sum right given digit right, mean ± std."""
-  columns = [[r[w]["exhaustive"].get(k, float("nan")) if w in r else float("nan")
-              for w, k in ADDER_COLUMNS] for r in runs]
+  columns = [[_score(r, w, k) for w, k in ADDER_COLUMNS] for r in runs]
   return _per_seed_table(runs, "final digit | final sum right, digit right | SWA digit | "
                          "SWA sum right, digit right", columns)
 
@@ -140,8 +143,7 @@ def recipes_table(workdirs: list[str], runs: list[dict]) -> str:
 
 def _exhaustive(runs: list[dict], key: str) -> list[list[float]]:
   """[final, swa]: each run's exhaustive-set `key` for those weights (NaN where absent)."""
-  return [[r[w]["exhaustive"].get(key, float("nan")) if w in r else float("nan") for r in runs]
-          for w in ("final", "swa")]
+  return [[_score(r, w, key) for r in runs] for w in ("final", "swa")]
 
 
 def log_table(rows: list[dict]) -> str:
