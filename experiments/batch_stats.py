@@ -42,17 +42,14 @@ COLUMNS = ("final, stored statistics", "final, plain statistics", "swa")
 
 def scores(workdir: str, dataset: dict) -> dict[str, float]:
   """Exhaustive joint accuracy of `workdir`'s weight sets, keyed by `COLUMNS`."""
-  config, weight_sets = checkpoint.load(workdir)
-  s, _ = train_lib.setup(config, dataset)
+  config, weight_sets, s = saved_runs.restore(workdir, dataset)
   final = weight_sets["final"]
   sets = {COLUMNS[0]: final,
           COLUMNS[1]: {"params": final["params"],
                        "batch_stats": train_lib.plain_batch_stats(config, s, final["params"])}}
   if "swa" in weight_sets:
     sets[COLUMNS[2]] = weight_sets["swa"]
-  cases = data_lib.exhaustive_pairs(s.test_y.shape[0])
-  return {name: s.evaluate(v, image_index=cases[0], numbers=cases[1])[0]["joint_acc"]
-          for name, v in sets.items()}
+  return {name: saved_runs.on_exhaustive(s, v)[0]["joint_acc"] for name, v in sets.items()}
 
 
 def table(runs: dict[str, dict[str, float]]) -> str:

@@ -30,21 +30,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from adder import checkpoint  # pylint: disable=g-import-not-at-top
 from adder import data as data_lib
 from adder import plots
-from adder import train as train_lib
 import saved_runs  # pylint: disable=g-bad-import-order
 
 
 def digit_readings(workdir: str, dataset: dict, weights: str = "swa") -> np.ndarray:
   """int32 (N, 10): the digit `workdir`'s `weights` read in test image i with integer k."""
-  config, weight_sets = checkpoint.load(workdir)
+  _, weight_sets, s = saved_runs.restore(workdir, dataset)
   if weights not in weight_sets:
     raise checkpoint.CheckpointError(f"{workdir} has no {weights} weights")
-  s, _ = train_lib.setup(config, dataset)
-  num_images = s.test_y.shape[0]
-  image_index, numbers = data_lib.exhaustive_pairs(num_images)
-  _, (digit_pred, _) = s.evaluate(weight_sets[weights], image_index=image_index,
-                                  numbers=numbers)
-  return np.asarray(digit_pred).reshape(num_images, 10)  # case 10 * i + k is image i
+  _, (digit_pred, _) = saved_runs.on_exhaustive(s, weight_sets[weights])
+  return np.asarray(digit_pred).reshape(s.test_y.shape[0], 10)
 
 
 def misread(readings: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""What the scripts that score saved runs share: their command line and the data.
+"""What the scripts that score saved runs share: their command line, the data,
+and each run restored and scored on the exhaustive set.
 
 `experiments/batch_stats.py` and `experiments/hard_images.py` take training
 workdirs and MNIST's location, check every workdir before the data loads, and
@@ -10,12 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from adder import checkpoint  # pylint: disable=g-import-not-at-top
 from adder import config as config_lib
 from adder import data as data_lib
+from adder import train as train_lib
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -35,3 +38,19 @@ def dataset(args: argparse.Namespace) -> dict:
   for workdir in args.workdirs:
     checkpoint.find(workdir)
   return data_lib.load_mnist(args.mnist_dir, args.data_dir)
+
+
+def restore(workdir: str, dataset: dict) -> tuple[config_lib.Config, dict, train_lib.Setup]:
+  """`workdir`'s config and weight sets (`adder.checkpoint.load`), and a `Setup` for them."""
+  config, weight_sets = checkpoint.load(workdir)
+  s, _ = train_lib.setup(config, dataset)
+  return config, weight_sets, s
+
+
+def on_exhaustive(s: train_lib.Setup, variables: dict) -> tuple[dict[str, Any], tuple]:
+  """`Setup.evaluate` of `variables` on the exhaustive set: (scores, (digit_pred, sum_pred)).
+
+  The predictions are int32 (N * 10,); case ``10 * i + k`` is image i with integer k.
+  """
+  image_index, numbers = data_lib.exhaustive_pairs(s.test_y.shape[0])
+  return s.evaluate(variables, image_index=image_index, numbers=numbers)
