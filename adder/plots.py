@@ -2,11 +2,13 @@
 
 `write_all` writes ``loss.png`` (train and test loss per epoch), ``accuracy.png`` (test
 digit / sum / joint accuracy per epoch), ``lr.png`` (learning rate per epoch),
-``samples.png`` (test images with the integer and the predictions; wrong ones
-in red), ``mistakes.png`` (the test cases with a wrong digit or sum, with the
-truth and the prediction) and ``confusion.png`` (the digit head's confusion
-matrix, in counts). `plot_lr_find` draws the learning-rate range test of
-`adder.lr_find` (``lr_find.png``).
+``samples.png`` (test pairs with the truth beside the prediction: the first
+cases and some wrong ones, in red), ``mistakes.png`` (the test pairs with a
+wrong digit or sum, with the truth and the prediction) and ``confusion.png``
+(the digit head's confusion matrix, in counts). The figures drawn from a
+weight set name it (``weights``) with the split and the counts.
+`plot_lr_find` draws the learning-rate range test of `adder.lr_find`
+(``lr_find.png``).
 Each plot is one function taking plain arrays and an output path. Figures are
 built with matplotlib's object API (`matplotlib.figure.Figure`, rendered by
 Agg), not pyplot: no global state, no display, and importing this module does
@@ -23,7 +25,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-NUM_SAMPLES = 32  # test images in samples.png
+NUM_SAMPLES = 32  # test pairs in samples.png
+NUM_SAMPLE_MISTAKES = 8  # of which, at most this many wrong ones after the first cases
 NUM_MISTAKES = 40  # wrong cases in mistakes.png
 SAMPLE_COLUMNS = 8
 DPI = 120
@@ -46,7 +49,7 @@ def _column(history: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_loss(history: Sequence[dict], path: str) -> str:
-  """The training loss (`adder.train.train_step`'s objective) per epoch, log scale.
+  """The training loss (`adder.step.train_step`'s objective) per epoch, log scale.
 
   The mean over the epoch's training steps and, where the rows have
   ``test_loss``, the loss on the test pairs after the epoch (eval mode).
@@ -60,7 +63,8 @@ def plot_loss(history: Sequence[dict], path: str) -> str:
     ax.plot(*curves[1], marker="o", label="test pairs (after the epoch)")
   if all(np.all(loss > 0) for _, loss in curves):
     ax.set_yscale("log")
-  ax.set(xlabel="epoch", ylabel="loss", title="Loss (the training objective)")
+  ax.set(xlabel="epoch", ylabel="loss",
+         title="Loss (the training objective) per epoch, weights being trained")
   ax.grid(True, alpha=0.3)
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
   ax.legend()
@@ -68,14 +72,19 @@ def plot_loss(history: Sequence[dict], path: str) -> str:
 
 
 def plot_accuracy(history: Sequence[dict], path: str) -> str:
-  """Test digit, sum and joint accuracy per epoch."""
+  """Digit, sum and joint accuracy on the test pairs after each epoch.
+
+  Those of the weights being trained at the end of the epoch (not the SWA
+  average), as ``metrics.jsonl`` records them.
+  """
   fig = _figure(figsize=(6, 4))
   ax = fig.subplots()
   for key, label in (("test_digit_acc", "digit"), ("test_sum_acc", "sum"),
                      ("test_joint_acc", "joint (both right)")):
     epochs, acc = _column(history, key)
     ax.plot(epochs, 100 * acc, marker="o", label=label)
-  ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy")
+  ax.set(xlabel="epoch", ylabel="test accuracy (%)",
+         title="Accuracy on the test pairs after each epoch, weights being trained")
   ax.grid(True, alpha=0.3)
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
   ax.legend()
@@ -110,6 +119,26 @@ def _image_grid(images: np.ndarray, indices, row_height: float):
   return fig, axes
 
 
+def _weights_label(weights: Optional[str]) -> str:
+  """``"SWA weights, "`` / ``"final weights, "`` for a title, or nothing when unknown."""
+  return f"{'SWA' if weights == 'swa' else weights} weights, " if weights else ""
+
+
+def select_samples(labels: np.ndarray, numbers: np.ndarray, digit_pred: np.ndarray,
+                   sum_pred: np.ndarray, num: int = NUM_SAMPLES,
+                   num_wrong: int = NUM_SAMPLE_MISTAKES) -> np.ndarray:
+  """Indices, int (min(num, N),) ascending, of the cases `plot_samples` shows.
+
+  The first wrong cases (at most `num_wrong`), and the first cases in order
+  for the rest: a picture of what the model usually does that also shows how
+  it fails, whatever its accuracy.
+  """
+  n = min(num, len(labels))
+  wrong = mistakes(labels, numbers, digit_pred, sum_pred)[:min(num_wrong, n)]
+  first = np.setdiff1d(np.arange(len(labels)), wrong)[:n - len(wrong)]
+  return np.sort(np.concatenate([first, wrong])).astype(np.int64)
+
+
 def plot_samples(
     images: np.ndarray,
     labels: np.ndarray,
@@ -117,21 +146,31 @@ def plot_samples(
     digit_pred: np.ndarray,
     sum_pred: np.ndarray,
     path: str,
+    weights: Optional[str] = None,
 ) -> str:
-  """A grid of the first `NUM_SAMPLES` cases titled ``n=3 -> d=7 s=10``.
+  """Test pairs (`select_samples`), each titled ``#i  7 + 3`` over its answer.
 
-  A title is red when the digit or the sum is wrong.
+  A right answer reads ``d 7  s 10``; a wrong one, in red, gives the truth
+  beside the prediction, ``d 7→1  s 10→4`` (true → predicted digit d and sum s).
 
   Args:
     images: uint8 (N, 28, 28); labels, numbers, digit_pred, sum_pred: int (N,).
+    weights: the weight set that predicted (``"swa"``/``"final"``), for the title.
   """
-  n = min(NUM_SAMPLES, len(images))
-  fig, axes = _image_grid(images, range(n), row_height=1.8)
-  for i, ax in zip(range(n), axes):
-    right = digit_pred[i] == labels[i] and sum_pred[i] == labels[i] + numbers[i]
-    ax.set_title(f"n={numbers[i]} -> d={digit_pred[i]} s={sum_pred[i]}", fontsize=8,
+  shown = select_samples(labels, numbers, digit_pred, sum_pred)
+  wrong = mistakes(labels, numbers, digit_pred, sum_pred)
+  fig, axes = _image_grid(images, shown, row_height=1.9)
+  for i, ax in zip(shown, axes):
+    d, s = labels[i], labels[i] + numbers[i]
+    right = digit_pred[i] == d and sum_pred[i] == s
+    answer = (f"d {d}  s {s}" if right else f"d {d}→{digit_pred[i]}  s {s}→{sum_pred[i]}")
+    ax.set_title(f"#{i}  {d} + {numbers[i]}\n{answer}", fontsize=8,
                  color="black" if right else "red")
-  fig.suptitle("Test samples: integer n, predicted digit d and sum s (red: wrong)")
+  num_shown_wrong = int(np.isin(shown, wrong).sum())
+  fig.suptitle(
+      f"Test pairs, {_weights_label(weights)}{len(shown) - num_shown_wrong} right and "
+      f"{num_shown_wrong} wrong ({len(wrong):,} of {len(labels):,} wrong in all)\n"
+      "#index  digit + integer; d digit, s sum as predicted; in red, wrong: true→predicted")
   return _save(fig, path)
 
 
@@ -150,6 +189,7 @@ def plot_mistakes(
     digit_pred: np.ndarray,
     sum_pred: np.ndarray,
     path: str,
+    weights: Optional[str] = None,
 ) -> str:
   """The first `NUM_MISTAKES` wrong cases, each titled ``#i n=3`` / ``d 7→1 s 10→4``.
 
@@ -158,14 +198,16 @@ def plot_mistakes(
 
   Args:
     images: uint8 (N, 28, 28); labels, numbers, digit_pred, sum_pred: int (N,).
+    weights: the weight set that predicted (``"swa"``/``"final"``), for the title.
   """
   wrong = mistakes(labels, numbers, digit_pred, sum_pred)
   shown = wrong[:NUM_MISTAKES]
   titles = [f"#{i} n={numbers[i]}\nd {labels[i]}→{digit_pred[i]} "
             f"s {labels[i] + numbers[i]}→{sum_pred[i]}" for i in shown]
   return plot_gallery(images, shown, titles,
-                      f"Wrong test cases: {len(wrong)} of {len(labels)} (first {len(shown)}); "
-                      "true → predicted digit d and sum s, integer n", path)
+                      f"Wrong test pairs, {_weights_label(weights)}{len(wrong):,} of "
+                      f"{len(labels):,} (the first {len(shown)}); true → predicted digit d "
+                      "and sum s, integer n", path)
 
 
 def plot_gallery(images: np.ndarray, indices, titles: Sequence[str], suptitle: str,
@@ -188,8 +230,14 @@ def confusion_matrix(labels: np.ndarray, pred: np.ndarray, num_classes: int = 10
   return counts
 
 
-def plot_confusion(labels: np.ndarray, digit_pred: np.ndarray, path: str) -> str:
-  """The digit head's 10x10 confusion matrix with counts (log colour scale)."""
+def plot_confusion(labels: np.ndarray, digit_pred: np.ndarray, path: str,
+                   weights: Optional[str] = None) -> str:
+  """The digit head's 10x10 confusion matrix with counts (log colour scale).
+
+  Args:
+    labels, digit_pred: int (N,) over the N test images.
+    weights: the weight set that predicted (``"swa"``/``"final"``), for the title.
+  """
   counts = confusion_matrix(labels, digit_pred)
   fig = _figure(figsize=(6.5, 5.5))
   ax = fig.subplots()
@@ -201,7 +249,8 @@ def plot_confusion(labels: np.ndarray, digit_pred: np.ndarray, path: str) -> str
         ax.text(p, t, str(counts[t, p]), ha="center", va="center", fontsize=7,
                 color="white" if np.log1p(counts[t, p]) > threshold else "black")
   ax.set(xticks=range(10), yticks=range(10), xlabel="predicted digit", ylabel="true digit",
-         title=f"Digit head confusion ({int(np.trace(counts))}/{counts.sum()} right)")
+         title=(f"Digit head confusion, {_weights_label(weights)}test images\n"
+                f"({int(np.trace(counts)):,} of {int(counts.sum()):,} right)"))
   fig.colorbar(im, ax=ax, label="log(1 + count)")
   return _save(fig, path)
 
@@ -214,6 +263,7 @@ def write_all(
     test_numbers: np.ndarray,
     digit_pred: np.ndarray,
     sum_pred: np.ndarray,
+    weights: Optional[str] = None,
 ) -> list[str]:
   """Write the six PNGs into `workdir`; returns their paths.
 
@@ -223,6 +273,8 @@ def write_all(
       optionally ``test_loss``.
     test_images: uint8 (N, 28, 28); test_labels, test_numbers: int (N,).
     digit_pred, sum_pred: int (N,), predictions of the weights in the checkpoint.
+    weights: which weights predicted (``"swa"``/``"final"``, as
+      `adder.checkpoint.preferred_weights` names them), named in the titles.
   """
   os.makedirs(workdir, exist_ok=True)
   out = lambda name: os.path.join(workdir, name)
@@ -231,10 +283,10 @@ def write_all(
       plot_accuracy(history, out("accuracy.png")),
       plot_lr(history, out("lr.png")),
       plot_samples(test_images, test_labels, test_numbers, digit_pred, sum_pred,
-                   out("samples.png")),
+                   out("samples.png"), weights),
       plot_mistakes(test_images, test_labels, test_numbers, digit_pred, sum_pred,
-                    out("mistakes.png")),
-      plot_confusion(test_labels, digit_pred, out("confusion.png")),
+                    out("mistakes.png"), weights),
+      plot_confusion(test_labels, digit_pred, out("confusion.png"), weights),
   ]
 
 

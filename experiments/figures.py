@@ -1,15 +1,19 @@
 """The figures of a finished training run, redrawn from its workdir.
 
-Command (from the repository root; what produced docs/figures/ and the
-figures in README.md, from the pretrained run):
+Command (from the repository root; what produced docs/figures/loss.png,
+accuracy.png, lr.png, samples.png, mistakes.png and confusion.png, from the
+pretrained run; evaluation only, nothing is trained):
 
-  python experiments/figures.py pretrained --out docs/figures --data-dir .data/tfds
+  python experiments/figures.py pretrained --out docs/figures   # MNIST as adder.train gets it
+
+It printed the six paths, then ``swa weights; 44 of 10000 test pairs wrong``.
 
 Reads ``metrics.jsonl`` (the curves) and ``checkpoint/`` (the preferred
-weights, as `adder.predict` picks them), predicts the fixed test pairs
-(`adder.data.test_numbers` with the run's ``eval_seed``) and writes the PNGs
-of `adder.plots.write_all` into ``--out``: the same figures ``adder.train``
-writes into its workdir, plus any that were added since the run.
+weights, as `adder.predict` picks them: SWA where present), predicts the fixed
+test pairs (`adder.data.test_numbers` with the run's ``eval_seed``) and writes
+the PNGs of `adder.plots.write_all` into ``--out``, their titles naming the
+weights: the same figures ``adder.train`` writes into its workdir, plus any
+that were added since the run.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ def main(argv=None) -> int:
   images, labels = dataset["test_images"], dataset["test_labels"]
   numbers = data_lib.test_numbers(len(labels), model.config.eval_seed)
   digit_pred, sum_pred = model(images, numbers)
-  for path in plots.write_all(a.out, history, images, labels, numbers, digit_pred, sum_pred):
+  for path in plots.write_all(a.out, history, images, labels, numbers, digit_pred, sum_pred,
+                              weights=model.weights):
     print(path)
   print(f"{model.weights} weights; {len(plots.mistakes(labels, numbers, digit_pred, sum_pred))} "
         f"of {len(labels)} test pairs wrong")
