@@ -1,8 +1,10 @@
-"""Markdown tables of a training run, for README.md, from its workdir.
+"""Markdown tables of a training run, for README.md and docs/, from its workdir.
 
-Commands (what produced the "Results" and "Training logs" tables in README.md):
+Commands (what produced the results tables of README.md and docs/results.md,
+the training-log excerpt of README.md, and the tables of docs/recipe-search.md):
 
   python experiments/report.py pretrained
+  python experiments/report.py --console pretrained
   python experiments/report.py runs/seeds/0 runs/seeds/1 runs/seeds/2
   python experiments/report.py --by-recipe runs/sweep-a/x=1_seed{0,1,2} runs/sweep-a/x=2_seed{0,1,2}
 
@@ -16,9 +18,10 @@ and standard deviation. With ``--by-recipe``: one row per recipe, the runs
 grouped by their workdir's name less its ``_seed<N>`` suffix (the names
 `experiments/sweep.py` gives), with the exhaustive set's joint accuracy per
 seed and, as mean ± std, its joint and digit accuracy and the share of right
-sums among right digits, each for the final / SWA weights. Everything is read from
-``results.json`` and ``metrics.jsonl``; only the mean and deviation are
-computed here.
+sums among right digits, each for the final / SWA weights. With ``--console``
+(one workdir): the run's per-epoch and final lines as ``python -m adder.train``
+prints them. Everything is read from ``results.json`` and ``metrics.jsonl``;
+only the mean and deviation are computed here.
 """
 
 from __future__ import annotations
@@ -156,12 +159,41 @@ def log_table(rows: list[dict]) -> str:
   return "\n".join(out)
 
 
+def console_lines(results: dict, rows: list[dict]) -> list[str]:
+  """The per-epoch and final lines of a run, as ``python -m adder.train`` prints them.
+
+  Args:
+    results: the run's ``results.json``; rows: its ``metrics.jsonl``, one dict per epoch.
+  """
+  epochs = results["config"]["epochs"]
+  lines = []
+  for r in rows:
+    test_loss = f"test loss {r['test_loss']:.4f} " if "test_loss" in r else "test "
+    lines.append(f"epoch {r['epoch']:2d}/{epochs}  loss {r['train_loss']:.4f}  {test_loss}"
+                 f"digit {r['test_digit_acc']:.4f} sum {r['test_sum_acc']:.4f} joint "
+                 f"{r['test_joint_acc']:.4f}  lr {r['lr']:.5f}  {r['seconds']:.1f}s")
+  for name in ("final", "swa"):
+    if name in results:
+      t, e = results[name]["test"], results[name]["exhaustive"]
+      sum_given_digit = (f" sum|digit {e['sum_given_digit']:.4f}"
+                         if "sum_given_digit" in e else "")
+      lines.append(f"{name:5s}  test joint {t['joint_acc']:.4f}  exhaustive: digit "
+                   f"{e['digit_acc']:.4f} sum {e['sum_acc']:.4f} joint {e['joint_acc']:.4f} "
+                   f"consistency {e['consistency']:.4f}{sum_given_digit}")
+  return lines
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description="Markdown tables of training runs.")
   p.add_argument("workdirs", nargs="+", metavar="WORKDIR")
   p.add_argument("--by-recipe", action="store_true",
                  help="one row per recipe (workdir name less _seed<N>), over its seeds")
+  p.add_argument("--console", action="store_true",
+                 help="one run's per-epoch and final lines, as python -m adder.train prints them")
   a = p.parse_args(argv)
+  if a.console and len(a.workdirs) != 1:
+    print("error: --console takes one workdir", file=sys.stderr)
+    return 2
   runs, logs = [], []
   for workdir in a.workdirs:
     try:
@@ -172,6 +204,9 @@ def main(argv=None) -> int:
     except (OSError, json.JSONDecodeError) as e:
       print(f"error: cannot read the run in {workdir}: {e}", file=sys.stderr)
       return 2
+  if a.console:
+    print("\n".join(console_lines(runs[0], logs[0])))
+    return 0
   if a.by_recipe:
     print(recipes_table(a.workdirs, runs))
     return 0
