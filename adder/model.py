@@ -113,7 +113,9 @@ def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
   * Float32 convolutions whose input and output channels are multiples of 16
     (the model's 2nd to 4th layers), forward and both gradients, run on
     `adder.conv_cpu`'s direct kernels (through the XLA FFI) where those
-    could be built and one device trains. The rest stay XLA's, in these forms:
+    could be built and passed their self-check, are switched on
+    (`adder.conv_cpu.use_kernels`, ``ADDER_CPU_KERNELS``) and one device
+    trains. The rest stay XLA's, in these forms:
   * Gradients as canonical convolutions. JAX's own transpose rules give the
     input gradient a kernel with swapped in/out features and the kernel
     gradient an input with batch and features swapped. XLA:CPU runs such
