@@ -22,6 +22,8 @@
 #
 # last run: 2026-11-27 on one NVIDIA H200, 179 s in all (21 s of checks, 38 s of
 # training, 120 s of benchmark); its output is docs/gpu-run-h200/gpu_run.log.
+# The default recipe was then the original one (no augmentation, no consistency
+# term): the current default has not run on a GPU yet.
 #
 # Sizing: the whole script must end within 8 minutes on one H100 or H200. The
 # 20-epoch training is small there (a few seconds per epoch plus compilation).
