@@ -1,6 +1,6 @@
 """Saved runs' final weights, scored with their stored and with plain BatchNorm statistics.
 
-Command (what produced the table in README.md's "How the recipe was chosen"):
+Command (what produced the BatchNorm table in docs/recipe-search.md):
 
   python experiments/batch_stats.py --data-dir .data/tfds \
       runs/sweep-consistency/consistency_weight=1_seed{0,1,2} \

@@ -1,15 +1,16 @@
 """Epoch time of `adder.train.train_epoch` with the model's convolution gradients vs lax's own.
 
-Commands (from the repository root):
+Commands (from the repository root; the CPU figures are in docs/cpu-performance.md,
+the cost of augmentation in docs/design.md):
 
   python experiments/conv_probe.py OUT.json                  # docs/gpu-run-h200/conv_probe.json, NVIDIA H200
-  python experiments/conv_probe.py OUT.json --augment        # README's cost of augmentation, CPU
-  python experiments/conv_probe.py OUT.json --cpu-forms      # README's CPU convolution forms
-  python experiments/conv_probe.py OUT.json --cpu-devices 1,2  # README's CPU device counts
-  python experiments/conv_probe.py OUT.json --cpu-pinned       # README's one core against two
-  python experiments/conv_probe.py OUT.json --cpu-layers       # README's layers, adder/XLA/PyTorch
-  python experiments/conv_probe.py OUT.json --cpu-ynn          # README's YNNPACK convolutions
-  python experiments/conv_probe.py OUT.json --cpu-kernels      # README's adder kernels vs XLA's
+  python experiments/conv_probe.py OUT.json --augment        # cost of augmentation, CPU
+  python experiments/conv_probe.py OUT.json --cpu-forms      # CPU convolution forms
+  python experiments/conv_probe.py OUT.json --cpu-devices 1,2  # CPU device counts
+  python experiments/conv_probe.py OUT.json --cpu-pinned       # one core against two
+  python experiments/conv_probe.py OUT.json --cpu-layers       # layers, adder/XLA/PyTorch
+  python experiments/conv_probe.py OUT.json --cpu-ynn          # YNNPACK convolutions
+  python experiments/conv_probe.py OUT.json --cpu-kernels      # adder kernels vs XLA's
 
 With ``--augment`` it times the default recipe (augmented) against the same
 recipe without augmentation, then augmented again, instead. With
@@ -333,7 +334,7 @@ YNN_WITHOUT_CONVOLUTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                             "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
 # (name, model) of `cpu_ynn`: the default, and every convolution after the
-# first at 20 features (the README's width screen), whose convolutions all
+# first at 20 features (docs/recipe-search.md's width screen), whose convolutions all
 # have more than 16 features.
 YNN_MODELS = (("default", Config()),
               ("conv_16x20x20x20x20_hidden_40",

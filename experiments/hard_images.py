@@ -1,6 +1,6 @@
 """Which test images saved runs misread, and how many of them every run misreads.
 
-Command (what produced the table in README.md's "How the recipe was chosen"):
+Command (what produced the table and figure in docs/results.md, "Hard images"):
 
   P=runs/sweep-plainbn
   python experiments/hard_images.py --data-dir .data/tfds --gallery docs/figures/hard_images.png \

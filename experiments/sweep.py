@@ -1,6 +1,6 @@
 """Full runs of the recipe with some `Config` fields changed, to choose the defaults.
 
-Commands (what produced the tables in README.md):
+Commands (what produced the tables in docs/recipe-search.md):
 
   # augmentation strength
   python experiments/sweep.py --epochs 20 --data-dir .data/tfds \
@@ -27,7 +27,7 @@ Commands (what produced the tables in README.md):
   python experiments/sweep.py --epochs 20 --data-dir .data/tfds --seeds 1 2 \
       --out runs/sweep-scale.md --workdirs runs/sweep-scale \
       --grid augment_scale=0.1 augment_rotate_deg=10,augment_scale=0.1
-  (and the others in README.md's "How the recipe was chosen")
+  (and the others in docs/recipe-search.md)
 
   # the peak learning rate (3-epoch runs without SWA, before augmentation)
   python experiments/sweep.py --epochs 3 --no-swa --mnist-dir ../shared/mnist \
