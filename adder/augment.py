@@ -4,14 +4,12 @@ Each training image is rotated by a uniform angle in ``[-rotate_deg,
 rotate_deg]`` about its centre, optionally scaled about it by a uniform factor
 in ``[1 - scale, 1 + scale]``, and shifted by a uniform offset in
 ``[-shift_px, shift_px]`` pixels along each axis, the usual augmentation for
-MNIST. Optionally, a smooth random displacement field is added on top (an
-elastic distortion, Simard et al. 2003). The whole batch is transformed at
-once inside the jitted step: the parameters come from `jax.random` and the
+MNIST. The whole batch is transformed at once inside the jitted step: the parameters come from `jax.random` and the
 resampling is a bilinear gather, so there is no per-image Python and no trip
 to the host.
 
-`affine_transform` is the deterministic part (given angles, shifts and a
-displacement field); `random_affine` draws them. Pixels are raw intensities
+`affine_transform` is the deterministic part (given angles, shifts and
+scales); `random_affine` draws them. Pixels are raw intensities
 (0 = background), so what the transform brings in from outside the image is
 background.
 """
@@ -20,20 +18,18 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def affine_transform(
     images: jax.Array, angle: jax.Array, shift: jax.Array, scale: jax.Array | None = None,
-    displacement: jax.Array | None = None,
 ) -> jax.Array:
   """Rotate and scale each image about its centre, then shift it; bilinear, zeros outside.
 
   Output pixel ``p`` (row, column) takes the input at ``R(-angle) (p - c -
-  shift) / scale + c + displacement[p]``, with ``c`` the image centre, so a
+  shift) / scale + c``, with ``c`` the image centre, so a
   positive angle turns the content counter-clockwise as displayed (rows down),
   a scale above 1 enlarges it, and a shift of ``(1, 0)`` moves it one row down.
-  An angle of 0, no scale, no displacement and an integer shift copy pixels
+  An angle of 0, no scale and an integer shift copy pixels
   exactly.
 
   Args:
@@ -41,8 +37,6 @@ def affine_transform(
     angle: float (B,), radians.
     shift: float (B, 2), (rows, columns) in pixels.
     scale: float (B,), positive factors; None: no scaling.
-    displacement: float (B, H, W, 2), (rows, columns) in pixels, added to
-      where each output pixel reads the input; None: none.
 
   Returns:
     float (B, H, W), the same dtype as `images`.
@@ -59,46 +53,7 @@ def affine_transform(
   sin = jnp.sin(angle)[:, None, None]
   src_y = cos * dy + sin * dx + cy
   src_x = -sin * dy + cos * dx + cx
-  if displacement is not None:
-    src_y, src_x = src_y + displacement[..., 0], src_x + displacement[..., 1]
   return _bilinear(images, src_y, src_x)
-
-
-def _gaussian_line(sigma: float) -> np.ndarray:
-  """float64 (2r + 1,): a Gaussian of std `sigma` over offsets -r..r (r = 4 sigma), summing to 1."""
-  radius = int(np.ceil(4 * sigma))
-  weights = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-  return weights / weights.sum()
-
-
-def gaussian_matrix(n: int, sigma: float) -> np.ndarray:
-  """float32 (n, n): ``G @ v`` smooths a length-n signal with a Gaussian of std `sigma`.
-
-  Row i holds `_gaussian_line` centred on i, cut at the signal's edges (zeros
-  beyond them, so rows near the edges sum to less than 1).
-  """
-  line = _gaussian_line(sigma)
-  radius = len(line) // 2
-  offsets = np.arange(n)[None, :] - np.arange(n)[:, None]
-  inside = np.abs(offsets) <= radius
-  return np.where(inside, line[np.clip(offsets + radius, 0, 2 * radius)], 0.0).astype(np.float32)
-
-
-def elastic_displacement(
-    key: jax.Array, batch: int, height: int, width: int, *, rms_px: float, sigma: float
-) -> jax.Array:
-  """Smooth random displacement fields: float32 (batch, height, width, 2), in pixels.
-
-  White Gaussian noise per pixel and axis, smoothed by a Gaussian of std
-  `sigma` pixels (the elastic distortion of Simard et al. 2003) and scaled
-  so that the displacement along each axis has a standard deviation of
-  `rms_px` away from the edges (less near them, where the smoothing is cut).
-  """
-  noise = jax.random.normal(key, (batch, 2, height, width), jnp.float32)
-  rows, cols = gaussian_matrix(height, sigma), gaussian_matrix(width, sigma)
-  smooth = jnp.einsum("hi,bcij,wj->bhwc", rows, noise, cols)
-  # Separable weights w leave unit-variance noise a variance of (sum w_i^2)^2.
-  return smooth * (rms_px / float(np.sum(_gaussian_line(sigma) ** 2)))
 
 
 def _bilinear(images: jax.Array, y: jax.Array, x: jax.Array) -> jax.Array:
@@ -120,16 +75,13 @@ def _bilinear(images: jax.Array, y: jax.Array, x: jax.Array) -> jax.Array:
 
 
 SCALE_STREAM = 2  # folded into a batch's key for its scales
-ELASTIC_STREAM = 3  # folded into a batch's key for its displacement fields
 
 
 def random_affine(
     key: jax.Array, images: jax.Array, *, shift_px: float, rotate_deg: float,
-    scale: float = 0.0, elastic_px: float = 0.0, elastic_sigma: float = 4.0,
+    scale: float = 0.0,
 ) -> jax.Array:
   """`affine_transform` with per-image angles, shifts and scales drawn uniformly from `key`.
-
-  With `elastic_px`, an elastic distortion (`elastic_displacement`) is added.
 
   Args:
     key: a PRNG key; the same key gives the same transforms.
@@ -139,10 +91,6 @@ def random_affine(
     scale: the largest relative change of size either way, in [0, 1) (0:
       none). The scales come from a key of their own, so the angles and shifts
       are those drawn without scaling.
-    elastic_px: the standard deviation of the elastic displacement along each
-      axis, in pixels (0: none). From a key of its own, like the scales.
-    elastic_sigma: the smoothness of that displacement: the std, in pixels,
-      of the Gaussian that smooths its noise.
 
   Returns:
     float (B, H, W).
@@ -156,12 +104,7 @@ def random_affine(
   if scale > 0:
     factor = jax.random.uniform(jax.random.fold_in(key, SCALE_STREAM), (b,), images.dtype,
                                 1.0 - scale, 1.0 + scale)
-  displacement = None
-  if elastic_px > 0:
-    _, h, w = images.shape
-    displacement = elastic_displacement(jax.random.fold_in(key, ELASTIC_STREAM), b, h, w,
-                                        rms_px=elastic_px, sigma=elastic_sigma)
-  return affine_transform(images, angle, shift, factor, displacement)
+  return affine_transform(images, angle, shift, factor)
 
 
 AUGMENT_STREAM = 1  # folded into an epoch's key for its transforms (the plan uses it split)

@@ -17,7 +17,7 @@ never overrides what the user set: ``JAX_PLATFORMS`` naming another platform,
 train on a GPU (a CUDA plugin and an NVIDIA device are present, and
 ``JAX_PLATFORMS`` is unset), nothing is changed.
 
-In a run of several processes (`adder.train.initialize_distributed`), each
+In a run of several processes (`adder.distributed.initialize_distributed`), each
 process trains its share of the global batch on its own devices, and the
 processes exchange gradients through Gloo, JAX's TCP implementation of the
 CPU's cross-process collectives (MPI would need an MPI library), unless

@@ -1,13 +1,13 @@
 """The learning-rate range test ("LR finder"): ``python -m adder.lr_find``.
 
-From a fresh model of the recipe (`adder.train.create_train_state` with the
+From a fresh model of the recipe (`adder.step.create_train_state` with the
 initialisation key `adder.train.setup` derives from the seed), the recipe's
 SGD (`adder.optim.create_sgd`: momentum, weight decay) takes ``steps`` updates
 while the learning rate grows exponentially from ``min_lr`` to ``max_lr``
 (`exponential_schedule`). The batches are the first ones training draws
 (`training_plan`: the epoch plans of epochs 1, 2, ... from the same data key,
 augmented as the recipe augments), and every step runs in one jit call of
-`adder.train.train_steps`, the scan of `adder.train.train_batch` that each
+`adder.step.train_steps`, the scan of `adder.step.train_batch` that each
 training epoch runs. Then, on the host, as PyTorch Lightning's
 ``Tuner.lr_find`` and fastai's ``lr_find`` do:
 
@@ -64,8 +64,11 @@ from adder import augment as augment_lib
 from adder import data as data_lib
 from adder import devices
 from adder import optim
+from adder import config as config_lib
+from adder import distributed
+from adder import step as step_lib
 from adder import train as train_lib
-from adder.config import Config, add_data_flags
+from adder.config import Config
 
 # Defaults of the range test. Six decades around the recipe's peak (0.2): below
 # 1e-5 a fresh model hardly moves, and at 10, 50x that peak, the loss is back at
@@ -183,23 +186,23 @@ def training_plan(
 
 
 def range_test_steps(
-    state: train_lib.TrainState,
+    state: step_lib.TrainState,
     images_u8: jax.Array,
     labels: jax.Array,
     data_key: jax.Array,
     *,
     batch_size: int,
     steps: int,
-    augment: Optional[train_lib.Augment] = None,
+    augment: Optional[step_lib.Augment] = None,
     batch_sharding: Optional[NamedSharding] = None,
-) -> tuple[train_lib.TrainState, dict]:
-  """`training_plan`, then `adder.train.train_steps` over it: per-step metrics (steps,).
+) -> tuple[step_lib.TrainState, dict]:
+  """`training_plan`, then `adder.step.train_steps` over it: per-step metrics (steps,).
 
   Jit it with everything after ``data_key`` static.
   """
   indices, numbers, keys = training_plan(data_key, images_u8.shape[0], batch_size, steps,
                                          augment is not None)
-  return train_lib.train_steps(state, images_u8, labels, indices, numbers, keys,
+  return step_lib.train_steps(state, images_u8, labels, indices, numbers, keys,
                                batch_sharding=batch_sharding, augment=augment)
 
 
@@ -222,10 +225,10 @@ def run_range_test(
   state = state.replace(tx=tx, opt_state=tx.init(state.params))
   run = jax.jit(functools.partial(
       range_test_steps, batch_size=config.batch_size, steps=steps,
-      augment=train_lib.create_augment(config), batch_sharding=s.batch_sharding),
+      augment=step_lib.create_augment(config), batch_sharding=s.batch_sharding),
       donate_argnums=0)
   _, metrics = run(state, s.train_x, s.train_y, s.data_key)
-  return np.asarray(train_lib.to_host(metrics["loss"]), np.float32)
+  return np.asarray(distributed.to_host(metrics["loss"]), np.float32)
 
 
 class RangeTest(NamedTuple):
@@ -301,9 +304,8 @@ def report(result: RangeTest, config: Config) -> list[str]:
   return lines
 
 
-def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Namespace]:
-  """Flags -> (the default `Config` with the data, seed and batch flags, the parsed flags)."""
-  d = Config()
+def create_parser() -> argparse.ArgumentParser:
+  """The range test's flags, with `Config`'s batch size, seed and data flags."""
   p = argparse.ArgumentParser(
       prog="python -m adder.lr_find",
       description="Learning-rate range test of the recipe: from a fresh model, SGD with "
@@ -319,30 +321,30 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
   p.add_argument("--steps", type=int, default=STEPS,
                  help="updates, the learning rate growing by the same factor each "
                       "(default: %(default)s)")
-  p.add_argument("--batch-size", type=int, default=d.batch_size,
-                 help="global batch size (default: %(default)s)")
-  p.add_argument("--seed", type=int, default=d.seed,
-                 help="seeds initialisation, shuffling and the integers, as in training "
-                      "(default: %(default)s)")
-  add_data_flags(p)
+  config_lib.add_flags(p, ("batch_size", "seed", *config_lib.DATA_FLAGS))
+  return p
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Namespace]:
+  """Flags -> (the default `Config` with the data, seed and batch flags, the parsed flags).
+
+  The config is not yet checked: `main` calls `Config.validate`.
+  """
+  p = create_parser()
   a = p.parse_args(argv)
   if not 0 < a.min_lr < a.max_lr < math.inf:
     p.error("--min-lr and --max-lr must satisfy 0 < min < max, both finite")
   if a.steps < MIN_STEPS:
     p.error(f"--steps must be at least {MIN_STEPS}")
-  if a.batch_size < 1:
-    p.error("--batch-size must be at least 1")
-  config = d.replace(batch_size=a.batch_size, seed=a.seed, mnist_dir=a.mnist_dir,
-                     data_dir=a.data_dir)
-  return config, a
+  return config_lib.from_flags(a), a
 
 
 def main(argv: Optional[list[str]] = None) -> int:
   """The CLI. Exit status 0, or 2 with one ``error:`` line."""
   from adder import plots  # pylint: disable=g-import-not-at-top
   config, args = parse_args(argv)
-  cpu_choice = devices.configure_cpu_devices(config.batch_size)
   try:
+    cpu_choice = devices.configure_cpu_devices(config.validate().batch_size)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
       raise ValueError(f"--out {args.out} is a file, not a folder")
     os.makedirs(args.out, exist_ok=True)

@@ -14,7 +14,7 @@ exhaustive set (every test image with every integer), joint accuracy:
 * its ``final`` parameters with the BatchNorm statistics stored with them: the
   running statistics of the training batches, for a run saved with
   ``plain_batch_stats`` off or before that field existed;
-* the same parameters with `adder.train.plain_batch_stats`, recomputed over
+* the same parameters with `adder.batch_norm.plain_batch_stats`, recomputed over
   the plain training images, as training does after augmented training;
 * its ``swa`` weights, whose statistics were always recomputed so.
 
@@ -34,7 +34,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from adder import checkpoint  # pylint: disable=g-import-not-at-top
 from adder import data as data_lib
-from adder import train as train_lib
 import saved_runs  # pylint: disable=g-bad-import-order
 
 COLUMNS = ("final, stored statistics", "final, plain statistics", "swa")
@@ -42,11 +41,11 @@ COLUMNS = ("final, stored statistics", "final, plain statistics", "swa")
 
 def scores(workdir: str, dataset: dict) -> dict[str, float]:
   """Exhaustive joint accuracy of `workdir`'s weight sets, keyed by `COLUMNS`."""
-  config, weight_sets, s = saved_runs.restore(workdir, dataset)
+  _, weight_sets, s = saved_runs.restore(workdir, dataset)
   final = weight_sets["final"]
   sets = {COLUMNS[0]: final,
           COLUMNS[1]: {"params": final["params"],
-                       "batch_stats": train_lib.plain_batch_stats(config, s, final["params"])}}
+                       "batch_stats": s.plain_batch_stats(final["params"])}}
   if "swa" in weight_sets:
     sets[COLUMNS[2]] = weight_sets["swa"]
   return {name: saved_runs.on_exhaustive(s, v)[0]["joint_acc"] for name, v in sets.items()}

@@ -29,12 +29,19 @@ PyTorch with one intra-op thread per core (``torch.set_num_threads``).
 `adder.data.load_mnist`'s output unless ``--mnist-dir`` is given, with 1 epoch,
 1 seed and a few timing steps, and prints the markdown instead of writing
 BENCHMARKS.md unless ``--out`` is given.
+
+``--from-json PATH`` runs nothing: it renders the section again from the
+figures an earlier run wrote with ``--json`` (``docs/benchmark-cpu.json``,
+``docs/gpu-run-h200/bench.json``) and prints it, or writes it into ``--out``.
+``--xla-convolutions`` runs (a) on the CPU with XLA's own convolutions instead
+of `adder.conv_cpu`'s kernels (`adder.conv_cpu.use_kernels`).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import glob
 import json
 import math
@@ -46,7 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -93,6 +100,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                       "reference)")
   p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                  help="auto: GPU if both JAX and PyTorch see one, else CPU (default)")
+  p.add_argument("--xla-convolutions", action="store_true",
+                 help="(a) on the CPU with XLA's own convolutions instead of "
+                      "adder.conv_cpu's kernels (conv_cpu.use_kernels(False))")
   p.add_argument("--mnist-dir", default=None,
                  help="folder with the four official MNIST IDX .gz files (default: "
                       "$ADDER_MNIST_DIR, else TFDS downloads; --quick: fake data)")
@@ -104,15 +114,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                       "images) unless --mnist-dir, 1 epoch, 1 seed, 5 timing steps; "
                       "prints the markdown unless --out is given")
   p.add_argument("--json", default=None, metavar="PATH", help="also write the figures here")
+  p.add_argument("--from-json", default=None, metavar="PATH",
+                 help="run nothing: render the section from the figures of an earlier "
+                      "run's --json and print it (written into --out if given)")
   p.add_argument("--out", default=None, metavar="PATH",
                  help="markdown file whose CPU or GPU section this run replaces "
-                      "(default: BENCHMARKS.md at the repository root; --quick: none)")
-  # Internal: one framework's measurements in a subprocess (see `_run_worker`).
-  p.add_argument("--_worker", dest="worker", choices=WORKERS, help=argparse.SUPPRESS)
-  p.add_argument("--_data", dest="worker_data", help=argparse.SUPPRESS)
-  p.add_argument("--_result", dest="worker_result", help=argparse.SUPPRESS)
-  p.add_argument("--_device", dest="worker_device", choices=("cpu", "gpu"),
-                 help=argparse.SUPPRESS)
+                      "(default: BENCHMARKS.md at the repository root; --quick and "
+                      "--from-json: none)")
+  _add_worker_flags(p)
   a = p.parse_args(argv)
   if a.epochs is None:
     a.epochs = 1 if a.quick else d.epochs
@@ -125,9 +134,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
       p.error(f"--{name.replace('_', '-')} must be at least 1")
   if a.num_workers < 0:
     p.error("--num-workers must be at least 0")
-  if a.out is None and not a.quick:
+  if a.out is None and not a.quick and not a.from_json:
     a.out = DEFAULT_OUT
   return a
+
+
+def _add_worker_flags(p: argparse.ArgumentParser) -> None:
+  """Internal flags: one framework's measurements in a subprocess (see `_run_worker`)."""
+  p.add_argument("--_worker", dest="worker", choices=WORKERS, help=argparse.SUPPRESS)
+  p.add_argument("--_data", dest="worker_data", help=argparse.SUPPRESS)
+  p.add_argument("--_result", dest="worker_result", help=argparse.SUPPRESS)
+  p.add_argument("--_device", dest="worker_device", choices=("cpu", "gpu"),
+                 help=argparse.SUPPRESS)
 
 
 def benchmark_config(a: argparse.Namespace) -> Config:
@@ -209,33 +227,63 @@ def _steady_figures(first_s: float, steady_s: float, calls: int, steps_per_call:
           "compile_s": first_s - per_call}
 
 
+
+def _training_runs(seeds: int, train: Callable[[int, str], dict[str, Any]]) -> list[dict[str, Any]]:
+  """``train(seed, workdir)`` for seeds 0..seeds-1, each in a temporary workdir.
+
+  Returns each run's seed, per-epoch history (``metrics.jsonl``), scores and
+  ``wall_seconds``, from the results dictionary `train` returns.
+  """
+  runs = []
+  for seed in range(seeds):
+    with tempfile.TemporaryDirectory() as workdir:
+      results = train(seed, workdir)
+      runs.append({"seed": seed, "history": _read_history(workdir),
+                   "scores": _scores(results), "wall_seconds": results["wall_seconds"]})
+  return runs
+
 # --- (a) JAX ----------------------------------------------------------------------
 
 
 def _run_jax(a: argparse.Namespace, dataset: dict[str, np.ndarray]) -> dict[str, Any]:
   """Measurements of adder's JAX trainer: steady steps, evaluation, training runs."""
-  import flax  # pylint: disable=g-import-not-at-top
-  import jax
-  import jaxlib
-  import optax
-
-  from adder import conv_cpu
-  from adder import data as data_lib
-  from adder import model as model_lib
+  from adder import model as model_lib  # pylint: disable=g-import-not-at-top
   from adder import train as train_lib
 
   config = benchmark_config(a)
   rss_start = _max_rss_mib()
-  backend = jax.default_backend()
-
   # Steady state: whole epochs, one jit call each, set up by `train_and_evaluate`'s
   # own `setup`; the first call (compilation and one epoch) is timed apart.
   s, state = train_lib.setup(config, dataset)
-  calls = -(-a.steps // s.steps_per_epoch)
+  train, state = _jax_steady(s, state, a.steps, config.batch_size)
+  evaluation = _jax_evaluation(s, state, dataset, config)
+  runs = _training_runs(a.seeds, lambda seed, workdir: train_lib.train_and_evaluate(
+      config.replace(seed=seed), workdir, dataset=dataset, write_artifacts=False))
+  device_peak = _jax_device_peak_mib()
+  return {
+      "params": model_lib.count_params(state.params),
+      "train": train,
+      "eval": evaluation,
+      "runs": runs,
+      "memory": {"rss_start_mib": rss_start, "peak_rss_mib": _max_rss_mib(),
+                 "device_peak_mib": device_peak},
+      "info": _jax_info(a),
+  }
+
+
+def _jax_steady(s, state, steps: int, batch_size: int) -> tuple[dict[str, float], Any]:
+  """`_steady_figures` of whole epochs (at least `steps` steps) and of lone steps; the new state.
+
+  Args:
+    s: `train_lib.setup`'s setup. state: its train state (donated).
+  """
+  from adder import distributed  # pylint: disable=g-import-not-at-top
+
+  calls = -(-steps // s.steps_per_epoch)
 
   def epoch(state, e):
     state, m = s.epoch_fn(state, s.train_x, s.train_y, s.data_key, e)
-    return state, train_lib.to_host(m["loss"])  # the host sync `run_epoch` makes
+    return state, distributed.to_host(m["loss"])  # the host sync `run_epoch` makes
 
   t0 = time.perf_counter()
   state, _ = epoch(state, 1)
@@ -248,10 +296,15 @@ def _run_jax(a: argparse.Namespace, dataset: dict[str, np.ndarray]) -> dict[str,
   steady_s = time.perf_counter() - t0
   if not all(np.all(np.isfinite(x)) for x in losses):
     raise FloatingPointError("JAX timing epochs gave a non-finite loss")
-  train = _steady_figures(first_s, steady_s, calls, s.steps_per_epoch, config.batch_size)
-  train["lone_step_ms"], state = _lone_step_ms(s, state, min(a.steps, 100), config.batch_size)
+  train = _steady_figures(first_s, steady_s, calls, s.steps_per_epoch, batch_size)
+  train["lone_step_ms"], state = _lone_step_ms(s, state, min(steps, 100), batch_size)
+  return train, state
 
-  # Evaluation throughput on the exhaustive set, in `train_and_evaluate`'s batches.
+
+def _jax_evaluation(s, state, dataset: dict[str, np.ndarray], config: Config) -> dict[str, Any]:
+  """Evaluation throughput on the exhaustive set, in `train_and_evaluate`'s batches."""
+  from adder import data as data_lib  # pylint: disable=g-import-not-at-top
+
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   num_test = len(dataset["test_labels"])
   s.evaluate(variables, image_index=np.arange(num_test, dtype=np.int32),
@@ -260,37 +313,38 @@ def _run_jax(a: argparse.Namespace, dataset: dict[str, np.ndarray]) -> dict[str,
   t0 = time.perf_counter()
   s.evaluate(variables, image_index=ex_index, numbers=ex_nums)
   eval_s = time.perf_counter() - t0
+  return {"cases": len(ex_index), "seconds": eval_s, "img_s": len(ex_index) / eval_s,
+          "batch_size": config.eval_batch_size}
 
-  runs = []
-  for seed in range(a.seeds):
-    with tempfile.TemporaryDirectory() as workdir:
-      results = train_lib.train_and_evaluate(
-          config.replace(seed=seed), workdir, dataset=dataset, write_artifacts=False)
-      runs.append({"seed": seed, "history": _read_history(workdir),
-                   "scores": _scores(results), "wall_seconds": results["wall_seconds"]})
 
-  device_peak = None
-  if backend != "cpu":
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-      device_peak = stats["peak_bytes_in_use"] / 2**20
-  return {
-      "params": model_lib.count_params(state.params),
-      "train": train,
-      "eval": {"cases": len(ex_index), "seconds": eval_s, "img_s": len(ex_index) / eval_s,
-               "batch_size": config.eval_batch_size},
-      "runs": runs,
-      "memory": {"rss_start_mib": rss_start, "peak_rss_mib": _max_rss_mib(),
-                 "device_peak_mib": device_peak},
-      "info": {"backend": backend, "devices": [str(d) for d in jax.devices()],
-               "device_kind": jax.devices()[0].device_kind,
-               "device_choice": a.device_choice,
-               "convolutions": conv_cpu.describe() if backend == "cpu" else "XLA's",
-               "xla_flags": os.environ.get("XLA_FLAGS", ""),
-               "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                            "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-                            "optax": optax.__version__, "numpy": np.__version__}},
-  }
+def _jax_device_peak_mib() -> Optional[float]:
+  """The accelerator's peak memory in use so far (MiB); None on the CPU or where unknown."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.default_backend() == "cpu":
+    return None
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+
+
+def _jax_info(a: argparse.Namespace) -> dict[str, Any]:
+  """Backend, devices, convolutions, XLA flags and versions of the JAX worker."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax
+  import jaxlib
+  import optax
+
+  from adder import conv_cpu
+
+  backend = jax.default_backend()
+  return {"backend": backend, "devices": [str(d) for d in jax.devices()],
+          "device_kind": jax.devices()[0].device_kind,
+          "device_choice": a.device_choice,
+          "convolutions": conv_cpu.describe() if backend == "cpu" else "XLA's",
+          "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                       "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+                       "optax": optax.__version__, "numpy": np.__version__}}
 
 
 def _lone_step_ms(s, state, steps: int, batch_size: int):
@@ -303,8 +357,8 @@ def _lone_step_ms(s, state, steps: int, batch_size: int):
   import jax  # pylint: disable=g-import-not-at-top
 
   from adder import data as data_lib
-  from adder import train as train_lib
-  step = jax.jit(train_lib.train_batch, donate_argnums=0, static_argnames="batch_sharding")
+  from adder import step as step_lib
+  step = jax.jit(step_lib.train_batch, donate_argnums=0, static_argnames="batch_sharding")
   indices, numbers = data_lib.epoch_plan(s.data_key, 0, s.train_x.shape[0], batch_size)
   run = lambda state, k: step(state, s.train_x, s.train_y, indices[k], numbers[k],  # noqa: E731
                               batch_sharding=s.batch_sharding)
@@ -331,89 +385,19 @@ def _run_torch(a: argparse.Namespace, dataset: dict[str, np.ndarray], pipeline: 
   """Measurements of the PyTorch reference with one pipeline (``dataloader``/``inmemory``)."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  from adder import data as data_lib
   ref = _load_torch_reference()
-
   config = benchmark_config(a)
   rss_start = _max_rss_mib()
   device = torch.device(device_name)
   if device.type == "cpu":
     torch.set_num_threads(usable_cores())  # one intra-op thread per core
-
-  def sync():
-    if device.type == "cuda":
-      torch.cuda.synchronize(device)
-
-  # Steady-state steps of `torch_reference.train_step`, batches made as its epochs make
-  # them (`train_epoch_in_memory` / `train_epoch_dataloader`), across epoch ends.
-  train_x, train_y = dataset["train_images"], dataset["train_labels"]
-  n, batch_size = len(train_y), config.batch_size
-  steps_per_epoch = n // batch_size
-  run = ref.create_run(config.replace(epochs=-(-(a.steps + 1) // steps_per_epoch)),
-                       steps_per_epoch, device=device)
-  if pipeline == "inmemory":
-    images = ref.normalize_images(torch.as_tensor(train_x)).to(device)
-    labels = torch.as_tensor(train_y, dtype=torch.int64).to(device)
-    generator = torch.Generator().manual_seed(config.seed)
-
-    def batches():
-      while True:
-        perm = torch.randperm(n, generator=generator)[: steps_per_epoch * batch_size]
-        perm = perm.view(steps_per_epoch, batch_size).to(device)
-        nums = torch.randint(ref.NUM_DIGITS, (steps_per_epoch, batch_size),
-                             generator=generator)
-        nums = nums.to(device)
-        for idx, num in zip(perm, nums):
-          digits = labels[idx]
-          yield images[idx], num, digits, digits + num
-  else:
-    loader = ref.make_loader(train_x, train_y, batch_size, seed=config.seed,
-                             num_workers=a.num_workers)
-
-    def batches():
-      while True:
-        for (images, nums), (digits, sums) in loader:
-          yield (images.to(device, non_blocking=True), nums.to(device, non_blocking=True),
-                 digits.to(device, non_blocking=True), sums.to(device, non_blocking=True))
-
-  stream = batches()
-  t0 = time.perf_counter()
-  float(ref.train_step(run, *next(stream)))
-  sync()
-  first_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  losses = [ref.train_step(run, *next(stream)) for _ in range(a.steps)]
-  mean_loss = float(torch.stack(losses).mean())  # host sync, as the reference's epochs
-  sync()
-  steady_s = time.perf_counter() - t0
-  if not math.isfinite(mean_loss):
-    raise FloatingPointError(f"PyTorch ({pipeline}) timing steps gave loss {mean_loss}")
-  train = _steady_figures(first_s, steady_s, a.steps, 1, batch_size)
-
+  run, stream = _torch_stream(ref, a, dataset, pipeline, config, device)
+  train = _torch_steady(ref, run, stream, a.steps, config.batch_size, device, pipeline)
   # Evaluation does not depend on the training pipeline: measured once, in (c).
-  evaluation = None
-  if pipeline == "inmemory":
-    test_x, test_y = dataset["test_images"], dataset["test_labels"]
-    num_test = len(test_y)
-    ref.evaluate(run.model, test_x, test_y, np.arange(num_test, dtype=np.int32),
-                 data_lib.test_numbers(num_test, config.eval_seed),
-                 config.eval_batch_size)  # warm-up
-    ex_index, ex_nums = data_lib.exhaustive_pairs(num_test)
-    t0 = time.perf_counter()
-    ref.evaluate(run.model, test_x, test_y, ex_index, ex_nums, config.eval_batch_size)
-    eval_s = time.perf_counter() - t0
-    evaluation = {"cases": len(ex_index), "seconds": eval_s,
-                  "img_s": len(ex_index) / eval_s, "batch_size": config.eval_batch_size}
-
-  runs = []
-  for seed in range(a.seeds):
-    with tempfile.TemporaryDirectory() as workdir:
-      results = ref.train(config.replace(seed=seed), workdir, dataset=dataset,
-                          pipeline=pipeline, num_workers=a.num_workers,
-                          device=device_name)
-      runs.append({"seed": seed, "history": _read_history(workdir),
-                   "scores": _scores(results), "wall_seconds": results["wall_seconds"]})
-
+  evaluation = _torch_evaluation(ref, run, dataset, config) if pipeline == "inmemory" else None
+  runs = _training_runs(a.seeds, lambda seed, workdir: ref.train(
+      config.replace(seed=seed), workdir, dataset=dataset, pipeline=pipeline,
+      num_workers=a.num_workers, device=device_name))
   return {
       "params": sum(p.numel() for p in run.model.parameters()),
       "train": train,
@@ -431,15 +415,110 @@ def _run_torch(a: argparse.Namespace, dataset: dict[str, np.ndarray], pipeline: 
   }
 
 
+def _torch_stream(ref, a: argparse.Namespace, dataset: dict[str, np.ndarray], pipeline: str,
+                  config: Config, device) -> tuple[Any, Iterator[tuple]]:
+  """A reference training run long enough for the timed steps, and its endless batches.
+
+  Batches (images, numbers, digits, sums) on `device`, made as
+  `torch_reference.train_epoch_in_memory` / `train_epoch_dataloader` make
+  them, across epoch ends. The data is on the device (in memory) or the
+  DataLoader built before this returns; batches are drawn when asked for.
+  """
+  train_x, train_y = dataset["train_images"], dataset["train_labels"]
+  n, batch_size = len(train_y), config.batch_size
+  steps_per_epoch = n // batch_size
+  run = ref.create_run(config.replace(epochs=-(-(a.steps + 1) // steps_per_epoch)),
+                       steps_per_epoch, device=device)
+  if pipeline == "inmemory":
+    return run, _in_memory_batches(ref, train_x, train_y, steps_per_epoch, batch_size,
+                                   config.seed, device)
+  loader = ref.make_loader(train_x, train_y, batch_size, seed=config.seed,
+                           num_workers=a.num_workers)
+
+  def batches():
+    while True:
+      for (images, nums), (digits, sums) in loader:
+        yield (images.to(device, non_blocking=True), nums.to(device, non_blocking=True),
+               digits.to(device, non_blocking=True), sums.to(device, non_blocking=True))
+
+  return run, batches()
+
+
+def _in_memory_batches(ref, train_x: np.ndarray, train_y: np.ndarray, steps_per_epoch: int,
+                       batch_size: int, seed: int, device) -> Iterator[tuple]:
+  """The in-memory pipeline's batches: the training set moved to `device` now, indexed per batch."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  n = len(train_y)
+  images = ref.normalize_images(torch.as_tensor(train_x)).to(device)
+  labels = torch.as_tensor(train_y, dtype=torch.int64).to(device)
+  generator = torch.Generator().manual_seed(seed)
+
+  def batches():
+    while True:
+      perm = torch.randperm(n, generator=generator)[: steps_per_epoch * batch_size]
+      perm = perm.view(steps_per_epoch, batch_size).to(device)
+      nums = torch.randint(ref.NUM_DIGITS, (steps_per_epoch, batch_size),
+                           generator=generator)
+      nums = nums.to(device)
+      for idx, num in zip(perm, nums):
+        digits = labels[idx]
+        yield images[idx], num, digits, digits + num
+
+  return batches()
+
+
+def _torch_steady(ref, run, stream: Iterator[tuple], steps: int, batch_size: int, device,
+                  pipeline: str) -> dict[str, float]:
+  """`_steady_figures` of `steps` calls of `torch_reference.train_step`, after a first one."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  def sync():
+    if device.type == "cuda":
+      torch.cuda.synchronize(device)
+
+  t0 = time.perf_counter()
+  float(ref.train_step(run, *next(stream)))
+  sync()
+  first_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  losses = [ref.train_step(run, *next(stream)) for _ in range(steps)]
+  mean_loss = float(torch.stack(losses).mean())  # host sync, as the reference's epochs
+  sync()
+  steady_s = time.perf_counter() - t0
+  if not math.isfinite(mean_loss):
+    raise FloatingPointError(f"PyTorch ({pipeline}) timing steps gave loss {mean_loss}")
+  return _steady_figures(first_s, steady_s, steps, 1, batch_size)
+
+
+def _torch_evaluation(ref, run, dataset: dict[str, np.ndarray], config: Config) -> dict[str, Any]:
+  """`torch_reference.evaluate`'s throughput on the exhaustive set, after a warm-up."""
+  from adder import data as data_lib  # pylint: disable=g-import-not-at-top
+
+  test_x, test_y = dataset["test_images"], dataset["test_labels"]
+  num_test = len(test_y)
+  ref.evaluate(run.model, test_x, test_y, np.arange(num_test, dtype=np.int32),
+               data_lib.test_numbers(num_test, config.eval_seed),
+               config.eval_batch_size)  # warm-up
+  ex_index, ex_nums = data_lib.exhaustive_pairs(num_test)
+  t0 = time.perf_counter()
+  ref.evaluate(run.model, test_x, test_y, ex_index, ex_nums, config.eval_batch_size)
+  eval_s = time.perf_counter() - t0
+  return {"cases": len(ex_index), "seconds": eval_s,
+          "img_s": len(ex_index) / eval_s, "batch_size": config.eval_batch_size}
+
+
 def _run_worker(a: argparse.Namespace) -> int:
   """Subprocess entry: measure one pipeline, write its figures to ``--_result``."""
   with np.load(a.worker_data) as f:
     dataset = {k: f[k] for k in f.files}
   if a.worker == "jax":
-    from adder import devices  # pylint: disable=g-import-not-at-top
+    from adder import conv_cpu  # pylint: disable=g-import-not-at-top
+    from adder import devices
     a.device_choice = (devices.configure_cpu_devices(a.batch_size)
                        if a.worker_device == "cpu" else "JAX defaults")
-    result = _run_jax(a, dataset)
+    with conv_cpu.use_kernels(not a.xla_convolutions):
+      result = _run_jax(a, dataset)
   else:
     pipeline = a.worker.split("_", 1)[1]
     result = _run_torch(a, dataset, pipeline, "cuda" if a.worker_device == "gpu" else "cpu")
@@ -581,6 +660,55 @@ def flat_figures(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
   return out
 
 
+# The figures `summarise` gives each worker, as `flat_figures` writes them (``{worker}_{key}``).
+SUMMARY_KEYS = ("epoch_img_s", "epochs_timed", "train_img_s", "compile_s", "epoch_s",
+                "first_epoch_s", "wall_s", "step_ms", "lone_step_ms", "reached_99",
+                "epochs_to_99", "seconds_to_99", "peak_rss_mib", "rss_start_mib",
+                "device_peak_mib", "params")
+
+
+def from_figures(figures: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+  """`render_markdown`'s (meta, summaries) from a ``--json`` file (`flat_figures` undone).
+
+  A figure the run did not record (an older version of this script) is None.
+  """
+  eval_img_s = {"jax": figures.get("jax_eval_img_s"),
+                "torch_inmemory": figures.get("torch_eval_img_s")}
+  summaries = {}
+  for name in WORKERS:
+    prefix = f"{name}_"
+    s = {key: figures.get(prefix + key) for key in SUMMARY_KEYS}
+    s["eval_img_s"] = eval_img_s.get(name)
+    s["accuracy"] = {}
+    for key, mean in figures.items():
+      acc = key[len(prefix):-len("_mean")]
+      if key.startswith(prefix) and key.endswith("_mean") and acc.startswith(("final_", "swa_")):
+        s["accuracy"][acc] = (mean, figures.get(f"{prefix}{acc}_std"))
+    summaries[name] = s
+  summaries["jax"]["steps"] = figures.get("jax_steps")
+  meta = dict(figures["meta"], jax_info=figures["meta"]["jax"],
+              torch_info=figures["meta"]["torch"])
+  return meta, summaries
+
+
+def _render_saved(a: argparse.Namespace) -> int:
+  """``--from-json``: an earlier run's section, printed, and written into ``--out`` if given."""
+  with open(a.from_json) as f:
+    meta, summaries = from_figures(json.load(f))
+  _publish(a, meta, summaries)
+  return 0
+
+
+def _publish(a: argparse.Namespace, meta: dict[str, Any],
+             summaries: dict[str, dict[str, Any]]) -> None:
+  """Print the run's section, and write it into ``--out`` (its CPU or GPU section) if given."""
+  markdown = render_markdown(meta, summaries)
+  print(markdown, flush=True)
+  if a.out:
+    write_section(a.out, meta["device"] + ("-quick" if meta["quick"] else ""), markdown)
+    print(f"wrote {a.out}", flush=True)
+
+
 def _fmt(value: Optional[float], kind: str) -> str:
   if value is None:
     return "—"
@@ -595,11 +723,16 @@ def _ratio(a: Optional[float], b: Optional[float]) -> str:
 
 def render_markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> str:
   """The section for this run: set-up, speed and memory table, accuracy table, notes."""
-  jx, dl, im = (summaries[k] for k in WORKERS)
+  return "\n".join(_setup_lines(meta, summaries) + _speed_table(meta, summaries)
+                   + _accuracy_table(meta, summaries) + _notes(meta["device"].upper()))
+
+
+def _setup_lines(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> list[str]:
+  """The section's heading and its bullets: command, date, machine, versions, settings, data."""
   ji, ti = meta["jax_info"], meta["torch_info"]
   section = meta["device"].upper()
   seeds, epochs = meta["seeds"], meta["epochs"]
-  lines = [
+  return [
       f"## {section}: {meta['gpu'] if section == 'GPU' else meta['cpu']}"
       + (" (--quick, not a measurement)" if meta["quick"] else ""),
       "",
@@ -618,42 +751,77 @@ def render_markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) 
       f"DataLoader workers for (b): {ti['num_workers']}",
       f"- Data: {meta['data']}",
       f"- Runs: batch size {meta['batch_size']}, {epochs} epoch(s), seeds "
-      f"0..{seeds - 1} per pipeline; steady state timed over {jx['steps']} steps "
+      f"0..{seeds - 1} per pipeline; steady state timed over {summaries['jax']['steps']} steps "
       f"(JAX, whole epochs) / {meta['steps']} steps (PyTorch) after a first call "
       f"timed apart; "
       f"evaluation batch {meta['eval_batch_size']}",
       "",
+  ]
+
+
+def _speed_row(name: str, summaries: dict[str, dict[str, Any]], key: str, kind: str,
+               better: str) -> str:
+  """A row of the speed table: figure `key` of (a), (b), (c), (a)/(b), (a)/(c), which is better."""
+  a, b, c = (summaries[k][key] for k in WORKERS)
+  return (f"| {name} | {_fmt(a, kind)} | {_fmt(b, kind)} | {_fmt(c, kind)} | "
+          f"{_ratio(a, b)} | {_ratio(a, c)} | {better} |")
+
+
+def _speed_table(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> list[str]:
+  """The speed and memory table: throughput, compilation, epoch and wall times, memory."""
+  jx = summaries["jax"]
+  seeds, epochs = meta["seeds"], meta["epochs"]
+  row = functools.partial(_speed_row, summaries=summaries)
+  median_of = (f"median of {jx['epochs_timed']} epochs" if epochs == 1 else
+               f"median of epochs 2+ of {seeds} run(s), {jx['epochs_timed']} epochs")
+  lines = [
       "### Speed and memory",
       "",
       f"| figure | {LABELS['jax']} | {LABELS['torch_dataloader']} | "
       f"{LABELS['torch_inmemory']} | (a)/(b) | (a)/(c) | better |",
       "|---|---:|---:|---:|---:|---:|---|",
+      row(f"training throughput, training runs' epochs ({median_of}; images/s)",
+          key="epoch_img_s", kind="rate", better="higher"),
+      row("training throughput, one steady-state window (images/s)", key="train_img_s",
+          kind="rate", better="higher"),
+      row("compilation / first-call overhead (s)", key="compile_s", kind="s", better="lower"),
+      row("seconds per epoch" + (" (median of epochs 2+)" if epochs > 1 else
+                                 " (epoch 1, with compilation)"),
+          key="epoch_s", kind="s", better="lower"),
   ]
-
-  def row(name, key, kind, better):
-    a, b, c = jx[key], dl[key], im[key]
-    lines.append(f"| {name} | {_fmt(a, kind)} | {_fmt(b, kind)} | {_fmt(c, kind)} | "
-                 f"{_ratio(a, b)} | {_ratio(a, c)} | {better} |")
-
-  median_of = (f"median of {jx['epochs_timed']} epochs" if epochs == 1 else
-               f"median of epochs 2+ of {seeds} run(s), {jx['epochs_timed']} epochs")
-  row(f"training throughput, training runs' epochs ({median_of}; images/s)",
-      "epoch_img_s", "rate", "higher")
-  row("training throughput, one steady-state window (images/s)", "train_img_s", "rate",
-      "higher")
-  row("compilation / first-call overhead (s)", "compile_s", "s", "lower")
-  row("seconds per epoch" + (" (median of epochs 2+)" if epochs > 1 else
-                             " (epoch 1, with compilation)"), "epoch_s", "s", "lower")
   if epochs > 1:
-    row("first epoch, with compilation (s)", "first_epoch_s", "s", "lower")
-  row(f"full recipe wall time, {epochs} epoch(s) with per-epoch and final evaluation (s)",
-      "wall_s", "s", "lower")
-  jax_eval, torch_eval = jx["eval_img_s"], im["eval_img_s"]
+    lines.append(row("first epoch, with compilation (s)", key="first_epoch_s", kind="s",
+                     better="lower"))
+  lines.append(row(f"full recipe wall time, {epochs} epoch(s) with per-epoch and final "
+                   "evaluation (s)", key="wall_s", kind="s", better="lower"))
+  lines += _evaluation_and_target_rows(meta, summaries)
   lines.append(
+      f"| JAX only: ms per step inside the epoch's scan / jitted alone, one call per "
+      f"step (a slow path inside loops would make the first several times the "
+      f"second) | {_fmt(jx['step_ms'], 's')} / {_fmt(jx['lone_step_ms'], 's')} | — | — "
+      f"| — | — | lower first |")
+  lines.append(row("peak RSS of the framework's process (MiB)", key="peak_rss_mib",
+                   kind="mib", better="lower"))
+  lines.append(row("RSS after imports and data load (MiB)", key="rss_start_mib", kind="mib",
+                   better="lower"))
+  if meta["device"].upper() == "GPU":
+    lines.append(row("peak device memory (MiB)", key="device_peak_mib", kind="mib",
+                     better="lower"))
+  lines.append(row("parameters", key="params", kind="int", better="equal"))
+  return lines
+
+
+def _evaluation_and_target_rows(meta: dict[str, Any],
+                                summaries: dict[str, dict[str, Any]]) -> list[str]:
+  """The speed table's rows of evaluation throughput and of time to the target accuracy."""
+  jx, dl, im = (summaries[k] for k in WORKERS)
+  seeds = meta["seeds"]
+  jax_eval, torch_eval = jx["eval_img_s"], im["eval_img_s"]
+  lines = [
       f"| evaluation throughput, exhaustive set of {meta['exhaustive_cases']:,} cases "
       f"(cases/s; one PyTorch measurement, shown under (b) and (c)) | "
       f"{_fmt(jax_eval, 'rate')} | {_fmt(torch_eval, 'rate')} | {_fmt(torch_eval, 'rate')} | "
-      f"{_ratio(jax_eval, torch_eval)} | {_ratio(jax_eval, torch_eval)} | higher |")
+      f"{_ratio(jax_eval, torch_eval)} | {_ratio(jax_eval, torch_eval)} | higher |"]
   reach = {k: (f" ({s['reached_99']}/{seeds} seeds)" if 0 < s["reached_99"] < seeds else "")
            for k, s in summaries.items()}
   for name, key, kind in (("epochs", "epochs_to_99", "epochs"),
@@ -663,19 +831,23 @@ def render_markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) 
     lines.append(f"| time to {TARGET_JOINT_ACC:.0%} test joint accuracy: {name} | "
                  f"{' | '.join(cells)} | {_ratio(jx[key], dl[key])} | "
                  f"{_ratio(jx[key], im[key])} | lower |")
-  lines.append(
-      f"| JAX only: ms per step inside the epoch's scan / jitted alone, one call per "
-      f"step (a slow path inside loops would make the first several times the "
-      f"second) | {_fmt(jx['step_ms'], 's')} / {_fmt(jx['lone_step_ms'], 's')} | — | — "
-      f"| — | — | lower first |")
-  row("peak RSS of the framework's process (MiB)", "peak_rss_mib", "mib", "lower")
-  row("RSS after imports and data load (MiB)", "rss_start_mib", "mib", "lower")
-  if section == "GPU":
-    row("peak device memory (MiB)", "device_peak_mib", "mib", "lower")
-  row("parameters", "params", "int", "equal")
+  return lines
 
+
+# The accuracy table's row names, by metric.
+ACCURACY_NAMES = {"test_joint_acc": "test pairs, joint",
+                  "exhaustive_digit_acc": "exhaustive, digit",
+                  "exhaustive_sum_acc": "exhaustive, sum",
+                  "exhaustive_joint_acc": "exhaustive, joint",
+                  "exhaustive_consistency": "exhaustive, consistency"}
+
+
+def _accuracy_table(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> list[str]:
+  """The accuracy table: each weights' and metric's mean ± std over the seeds, per pipeline."""
+  jx, dl, im = (summaries[k] for k in WORKERS)
+  seeds, epochs = meta["seeds"], meta["epochs"]
   over = f"mean ± sample std over {seeds} seeds" if seeds > 1 else "1 seed"
-  lines += [
+  lines = [
       "",
       f"### Accuracy ({over}, {epochs} epoch(s))",
       "",
@@ -683,9 +855,6 @@ def render_markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) 
       f"{LABELS['torch_inmemory']} | (a)/(b) | (a)/(c) |",
       "|---|---:|---:|---:|---:|---:|",
   ]
-  names = {"test_joint_acc": "test pairs, joint", "exhaustive_digit_acc": "exhaustive, digit",
-           "exhaustive_sum_acc": "exhaustive, sum", "exhaustive_joint_acc": "exhaustive, joint",
-           "exhaustive_consistency": "exhaustive, consistency"}
   for key in jx["accuracy"]:
     if not all(key in s["accuracy"] for s in summaries.values()):
       continue
@@ -695,11 +864,15 @@ def render_markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) 
       mean, std = s["accuracy"][key]
       cells.append(_fmt(mean, "acc") + (f" ± {std:.4f}" if std is not None else ""))
     a_mean = jx["accuracy"][key][0]
-    lines.append(f"| {weights} weights, {names[metric]} | {' | '.join(cells)} | "
+    lines.append(f"| {weights} weights, {ACCURACY_NAMES[metric]} | {' | '.join(cells)} | "
                  f"{_ratio(a_mean, dl['accuracy'][key][0])} | "
                  f"{_ratio(a_mean, im['accuracy'][key][0])} |")
+  return lines
 
-  lines += [
+
+def _notes(section: str) -> list[str]:
+  """How each figure is measured (``section``: CPU or GPU, which adds device memory)."""
+  return [
       "",
       "How each figure is measured:",
       "",
@@ -744,7 +917,6 @@ def render_markdown(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) 
       "is better for (a).",
       "",
   ]
-  return "\n".join(lines)
 
 
 def write_section(path: str, key: str, text: str) -> None:
@@ -769,9 +941,36 @@ def main(argv: Optional[list[str]] = None) -> int:
   a = parse_args(argv)
   if a.worker:
     return _run_worker(a)
+  if a.from_json:
+    return _render_saved(a)
 
   device = choose_device(a.device)
   dataset, data_desc = load_dataset(a)
+  workers = _run_workers(argv, device, dataset)
+  if workers is None:
+    return 1
+  params = {k: w["params"] for k, w in workers.items()}
+  if len(set(params.values())) != 1:
+    print(f"error: the models differ in size: {params}", file=sys.stderr)
+    return 1
+  images_per_epoch = len(dataset["train_labels"]) // a.batch_size * a.batch_size
+  summaries = {k: summarise(w, a.epochs, images_per_epoch) for k, w in workers.items()}
+  summaries["jax"]["steps"] = workers["jax"]["train"]["steps"]
+  meta = _run_meta(a, argv, device, data_desc, workers)
+  _publish(a, meta, summaries)
+  if a.json:
+    figures = flat_figures(summaries)
+    figures["meta"] = {k: v for k, v in meta.items() if k not in ("jax_info", "torch_info")}
+    figures["meta"].update(jax=meta["jax_info"], torch=meta["torch_info"])
+    with open(a.json, "w") as f:
+      json.dump(figures, f, indent=2)
+    print(f"wrote {a.json}", flush=True)
+  return 0
+
+
+def _run_workers(argv: list[str], device: str,
+                 dataset: dict[str, np.ndarray]) -> Optional[dict[str, dict[str, Any]]]:
+  """Each of `WORKERS` in its own subprocess, in turn: ``{worker: figures}``; None if one fails."""
   env = dict(os.environ)
   if device == "cpu":
     env["JAX_PLATFORMS"] = "cpu"
@@ -790,19 +989,17 @@ def main(argv: Optional[list[str]] = None) -> int:
       if rc != 0:
         print(f"error: the {LABELS[name]} run failed (exit {rc}); its output is above",
               file=sys.stderr)
-        return 1
+        return None
       with open(result_path) as f:
         workers[name] = json.load(f)
+  return workers
 
-  params = {k: w["params"] for k, w in workers.items()}
-  if len(set(params.values())) != 1:
-    print(f"error: the models differ in size: {params}", file=sys.stderr)
-    return 1
-  images_per_epoch = len(dataset["train_labels"]) // a.batch_size * a.batch_size
-  summaries = {k: summarise(w, a.epochs, images_per_epoch) for k, w in workers.items()}
-  summaries["jax"]["steps"] = workers["jax"]["train"]["steps"]
+
+def _run_meta(a: argparse.Namespace, argv: list[str], device: str, data_desc: str,
+              workers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """`render_markdown`'s meta: the command, date, machine, versions and settings of this run."""
   ji, ti = workers["jax"]["info"], workers["torch_inmemory"]["info"]
-  meta = {
+  return {
       "device": device, "quick": a.quick, "command": command_line(argv),
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
       "cpu": cpu_model(), "cores": os.cpu_count(),
@@ -814,19 +1011,6 @@ def main(argv: Optional[list[str]] = None) -> int:
       "eval_batch_size": benchmark_config(a).eval_batch_size,
       "exhaustive_cases": workers["jax"]["eval"]["cases"],
   }
-  markdown = render_markdown(meta, summaries)
-  print(markdown, flush=True)
-  if a.out:
-    write_section(a.out, device + ("-quick" if a.quick else ""), markdown)
-    print(f"wrote {a.out}", flush=True)
-  if a.json:
-    figures = flat_figures(summaries)
-    figures["meta"] = {k: v for k, v in meta.items() if k not in ("jax_info", "torch_info")}
-    figures["meta"].update(jax=ji, torch=ti)
-    with open(a.json, "w") as f:
-      json.dump(figures, f, indent=2)
-    print(f"wrote {a.json}", flush=True)
-  return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Epoch time of `adder.train.train_epoch` with the model's convolution gradients vs lax's own.
+"""Epoch time of `adder.step.train_epoch` with the model's convolution gradients vs lax's own.
 
 Commands (from the repository root; the CPU figures are in docs/cpu-performance.md,
 the cost of augmentation in docs/design.md):
@@ -34,7 +34,7 @@ one with XLA:CPU's YNNPACK convolutions and without them (see `cpu_ynn`).
 With ``--cpu-kernels`` it times the trainer's epoch with `adder.conv_cpu`'s
 kernels against XLA's convolutions (see `cpu_kernels`).
 ``--cpu-forms`` and ``--cpu-ynn`` are about XLA's own convolutions, so they
-trace the model without `adder.conv_cpu`'s kernels (`xla_convolutions`).
+trace the model without `adder.conv_cpu`'s kernels (`adder.conv_cpu.use_kernels`).
 
 `adder.model.conv_valid` states both convolution gradients as plain forward
 convolutions (a `jax.custom_vjp`), for XLA:CPU's sake. This times a steady
@@ -44,7 +44,6 @@ again, on whatever backend JAX picks; the first epoch, with compilation, is
 reported apart.
 """
 
-import contextlib
 import functools
 import json
 import os
@@ -63,7 +62,9 @@ from jax import lax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from adder import conv_cpu  # noqa: E402
 from adder import devices  # noqa: E402
+from adder import distributed  # noqa: E402
 from adder import model as model_lib  # noqa: E402
+from adder import step  # noqa: E402
 from adder import train  # noqa: E402
 from adder.config import Config  # noqa: E402
 
@@ -77,13 +78,13 @@ def time_epochs(dataset, epochs: int = 5, config: Config = Config().without_augm
   s, state = train.setup(config, dataset)
   t0 = time.perf_counter()
   state, m = s.epoch_fn(state, s.train_x, s.train_y, s.data_key, 1)
-  train.to_host(m["loss"])
+  distributed.to_host(m["loss"])
   first = time.perf_counter() - t0
   times = []
   for epoch in range(2, epochs + 2):
     t0 = time.perf_counter()
     state, m = s.epoch_fn(state, s.train_x, s.train_y, s.data_key, epoch)
-    train.to_host(m["loss"])
+    distributed.to_host(m["loss"])
     times.append(time.perf_counter() - t0)
   return {"first_epoch_s": round(first, 3), "epoch_s": [round(t, 4) for t in times],
           "median_epoch_s": round(float(np.median(times)), 4)}
@@ -99,7 +100,7 @@ def _epoch(s, state, epoch: int):
   """One training epoch, to the host holding its losses: the new state and the seconds."""
   t0 = time.perf_counter()
   state, m = s.epoch_fn(state, s.train_x, s.train_y, s.data_key, epoch)
-  train.to_host(m["loss"])
+  distributed.to_host(m["loss"])
   return state, time.perf_counter() - t0
 
 
@@ -183,9 +184,8 @@ def cpu_kernels(dataset, rounds: int = 4) -> dict:
   """
   config = Config().without_augmentation()
   runs = {}
-  for form, traced in (("adder_kernels", contextlib.nullcontext),
-                       ("xla_convolutions", xla_convolutions)):
-    with traced():
+  for form, kernels in (("adder_kernels", True), ("xla_convolutions", False)):
+    with conv_cpu.use_kernels(kernels):
       s, state = train.setup(config, dataset)
       compiled = s.epoch_fn.lower(state, s.train_x, s.train_y, s.data_key, 1).compile()
       s = s._replace(epoch_fn=compiled)
@@ -225,24 +225,6 @@ def conv_layer_shapes(config: Config) -> list[tuple[int, int, int]]:
   return shapes
 
 
-@contextlib.contextmanager
-def xla_convolutions():
-  """Trace `adder.model.conv_valid` with XLA's convolutions, not `adder.conv_cpu`'s kernels.
-
-  The choice is made while tracing, and JAX keeps traces: its caches are
-  cleared on the way in and out, and a function jitted inside must be called
-  (traced) inside.
-  """
-  supports = conv_cpu.supports
-  jax.clear_caches()
-  conv_cpu.supports = lambda *args: False
-  try:
-    yield
-  finally:
-    conv_cpu.supports = supports
-    jax.clear_caches()
-
-
 def cpu_layers(batch: int, config: Config = Config()) -> dict:
   """Each convolution of the model at `batch`: its time in JAX and in PyTorch, in turn, one process.
 
@@ -250,7 +232,7 @@ def cpu_layers(batch: int, config: Config = Config()) -> dict:
   the gradients training needs (the kernel's, and the input's except for the
   first layer, whose input is the image) from one jit of ``jax.vjp``; as the
   model runs it ("adder": `adder.conv_cpu`'s kernels where they apply) and
-  with XLA's convolutions (`xla_convolutions`). PyTorch: ``nn.Conv2d``
+  with XLA's convolutions (`adder.conv_cpu.use_kernels`). PyTorch: ``nn.Conv2d``
   (bias-free, as the reference) forward, and forward + ``backward``, in NCHW
   and in channels-last memory, with as many threads as usable cores.
   Milliseconds per call, the median of seven rounds; printed as a table
@@ -276,7 +258,7 @@ def cpu_layers(batch: int, config: Config = Config()) -> dict:
     xj, kj, gj = jnp.asarray(x), jnp.asarray(k), jnp.asarray(g)
     row = {}
     for name in ("adder", "xla"):
-      with xla_convolutions() if name == "xla" else contextlib.nullcontext():
+      with conv_cpu.use_kernels(name == "adder"):
         fwd, both = jax.jit(model_lib.conv_valid), jax.jit(forward_and_grads)
         row[f"{name}_forward_ms"] = _median_ms(lambda: fwd(xj, kj).block_until_ready())
         row[f"{name}_forward_and_grads_ms"] = _median_ms(
@@ -362,7 +344,7 @@ def cpu_ynn(dataset, rounds: int = 3) -> dict:
     s, state = train.setup(config, dataset)
     for options_name, options in (("xla_default", None),
                                   ("without_ynn_convolutions", YNN_WITHOUT_CONVOLUTIONS)):
-      fn = jax.jit(functools.partial(train.train_epoch, batch_size=config.batch_size,
+      fn = jax.jit(functools.partial(step.train_epoch, batch_size=config.batch_size,
                                      batch_sharding=s.batch_sharding, augment=None),
                    donate_argnums=0, compiler_options=options)
       own = jax.tree_util.tree_map(jnp.copy, state)
@@ -430,65 +412,60 @@ def main(out_path: str, augment: bool = False, forms: bool = False,
          devices_: Optional[list[int]] = None, as_is: bool = False,
          pinned: bool = False, layers: bool = False, ynn: bool = False,
          kernels: bool = False) -> None:
+  """Run the probe the flags choose and write its figures to `out_path` (JSON)."""
   if layers:
-    with open(out_path, "w") as f:
-      json.dump({"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
-                 **cpu_layers(Config().batch_size)}, f, indent=1)
-    return
-  if pinned:
-    with open(out_path, "w") as f:
-      json.dump({"jax": jax.__version__, "cores": sorted(os.sched_getaffinity(0)),
-                 **cpu_pinned(out_path)}, f, indent=1)
-    return
-  if devices_:
-    with open(out_path, "w") as f:
-      json.dump({"jax": jax.__version__, **cpu_devices(devices_, out_path)}, f, indent=1)
-    return
-  out = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-         "cpu_devices": len(jax.local_devices(backend="cpu"))}
+    out = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
+           **cpu_layers(Config().batch_size)}
+  elif pinned:
+    out = {"jax": jax.__version__, "cores": sorted(os.sched_getaffinity(0)),
+           **cpu_pinned(out_path)}
+  elif devices_:
+    out = {"jax": jax.__version__, **cpu_devices(devices_, out_path)}
+  else:
+    out = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+           "cpu_devices": len(jax.local_devices(backend="cpu"))}
+    out.update(_epochs_here(_random_dataset(), augment=augment, forms=forms, as_is=as_is,
+                            ynn=ynn, kernels=kernels))
+  with open(out_path, "w") as f:
+    json.dump(out, f, indent=1)
+
+
+def _random_dataset() -> dict:
+  """Random images and labels shaped like MNIST's (60,000 train / 10,000 test)."""
   rng = np.random.default_rng(0)
-  dataset = {"train_images": rng.integers(0, 256, (60000, 28, 28), dtype=np.uint8),
-             "train_labels": rng.integers(0, 10, 60000).astype(np.int32),
-             "test_images": rng.integers(0, 256, (10000, 28, 28), dtype=np.uint8),
-             "test_labels": rng.integers(0, 10, 10000).astype(np.int32)}
-  custom = model_lib.conv_valid
+  return {"train_images": rng.integers(0, 256, (60000, 28, 28), dtype=np.uint8),
+          "train_labels": rng.integers(0, 10, 60000).astype(np.int32),
+          "test_images": rng.integers(0, 256, (10000, 28, 28), dtype=np.uint8),
+          "test_labels": rng.integers(0, 10, 10000).astype(np.int32)}
+
+
+def _epochs_here(dataset, augment: bool, forms: bool, as_is: bool, ynn: bool,
+                 kernels: bool) -> dict:
+  """The figures of the probes that time epochs in this process (the first flag set)."""
   if kernels:
-    out.update(cpu_kernels(dataset))
-    with open(out_path, "w") as f:
-      json.dump(out, f, indent=1)
-    return
+    return cpu_kernels(dataset)
   if ynn:
-    with xla_convolutions():  # a question about XLA's own convolutions
-      out.update(cpu_ynn(dataset))
-    with open(out_path, "w") as f:
-      json.dump(out, f, indent=1)
-    return
+    with conv_cpu.use_kernels(False):  # a question about XLA's own convolutions
+      return cpu_ynn(dataset)
   if forms:
-    with xla_convolutions():  # the forms are those of XLA's convolutions
-      out.update(cpu_forms(dataset))
-    with open(out_path, "w") as f:
-      json.dump(out, f, indent=1)
-    return
+    with conv_cpu.use_kernels(False):  # the forms are those of XLA's convolutions
+      return cpu_forms(dataset)
   if as_is:
-    out.update({"as_is": time_epochs(dataset, 3)})
-    with open(out_path, "w") as f:
-      json.dump(out, f, indent=1)
-    return
+    return {"as_is": time_epochs(dataset, 3)}
+  out = {}
   if augment:
     for name, config in (("augmented", Config()), ("plain", Config().without_augmentation()),
                          ("augmented_again", Config())):
       out[name] = time_epochs(dataset, 3, config)
       print(name, out[name], flush=True)
-    with open(out_path, "w") as f:
-      json.dump(out, f, indent=1)
-    return
+    return out
+  custom = model_lib.conv_valid
   for name, fn in (("custom_vjp", custom), ("lax_vjp", lax_conv), ("custom_vjp_again", custom)):
     model_lib.conv_valid = fn  # `Conv` looks it up at call time
     out[name] = time_epochs(dataset)
     print(name, out[name], flush=True)
   model_lib.conv_valid = custom
-  with open(out_path, "w") as f:
-    json.dump(out, f, indent=1)
+  return out
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -68,7 +68,8 @@ if _REPO_ROOT not in sys.path:
 from adder import data as data_lib  # noqa: E402
 from adder import metrics as metrics_lib  # noqa: E402
 from adder import optim as optim_lib  # noqa: E402
-from adder.config import Config, add_recipe_flags, config_from_flags  # noqa: E402
+from adder import config as config_lib  # noqa: E402
+from adder.config import Config  # noqa: E402
 from adder.convert import torch_bn_momentum  # noqa: E402
 from adder.model import MNIST_MEAN, MNIST_STD, NUM_DIGITS, NUM_SUMS  # noqa: E402
 
@@ -182,7 +183,7 @@ def make_loader(
 
 
 def consistency_loss(digit_logits, sum_logits, numbers) -> torch.Tensor:
-  """The heads' disagreement through sum = digit + number (`adder.train.consistency_loss`).
+  """The heads' disagreement through sum = digit + number (`adder.losses.consistency_loss`).
 
   batchmean KL(sum head's ten possible sums, renormalised || digit head)
   + KL(digit head moved up by the number || sum head's ten possible sums),
@@ -420,7 +421,7 @@ def train(
   if dataset is None:
     dataset = data_lib.load_mnist(config.mnist_dir, config.data_dir)
   train_x, train_y = dataset["train_images"], dataset["train_labels"]
-  test_x, test_y = dataset["test_images"], dataset["test_labels"]
+  test_y = dataset["test_labels"]
   steps_per_epoch = len(train_y) // config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"batch size {config.batch_size} exceeds the {len(train_y)} images")
@@ -432,20 +433,53 @@ def train(
     print(f"PyTorch {torch.__version__} device={device} threads={torch.get_num_threads()} "
           f"pipeline={pipeline} workers={num_workers}; model: {n_params:,} parameters; "
           f"{steps_per_epoch} steps/epoch of {config.batch_size}", flush=True)
+  run_epoch, bn_batches = _pipeline(run, config, train_x, train_y, pipeline, num_workers,
+                                    device)
+  test = (dataset["test_images"], test_y, np.arange(len(test_y), dtype=np.int32),
+          data_lib.test_numbers(len(test_y), config.eval_seed))
+  history, epoch_seconds = _train_epochs(run, run_epoch, config, test, log)
 
+  models = {"final": run.model}
+  swa_model = finish_swa(run, bn_batches())
+  if swa_model is not None:
+    models["swa"] = swa_model
+  results: dict[str, Any] = _score(models, test, config.eval_batch_size, log)
+  results.update(_run_info(config, device, n_params, epoch_seconds, t_start, pipeline,
+                           num_workers))
+  if workdir is not None:
+    _write_run(workdir, history, results)
+  return results
+
+
+def _pipeline(run: TorchRun, config: Config, train_x: np.ndarray, train_y: np.ndarray,
+              pipeline: str, num_workers: int,
+              device: torch.device) -> tuple[Callable[[], float], Callable[[], Iterable]]:
+  """The pipeline's epoch (it returns the mean loss) and the SWA BatchNorm pass's batches.
+
+  In memory, the training set moves to `device` now; a DataLoader is built now
+  for the epochs and, in order, when the BatchNorm pass asks for its batches.
+  """
   if pipeline == "inmemory":
     images = normalize_images(torch.as_tensor(train_x)).to(device)
     labels = torch.as_tensor(train_y, dtype=torch.int64).to(device)
     generator = torch.Generator().manual_seed(config.seed)
-    run_epoch = lambda: train_epoch_in_memory(  # noqa: E731
-        run, images, labels, config.batch_size, generator)
-  else:
-    loader = make_loader(train_x, train_y, config.batch_size, seed=config.seed,
-                         num_workers=num_workers)
-    run_epoch = lambda: train_epoch_dataloader(run, loader)  # noqa: E731
+    return (lambda: train_epoch_in_memory(run, images, labels, config.batch_size, generator),
+            lambda: ordered_batches(images, config.batch_size))
+  loader = make_loader(train_x, train_y, config.batch_size, seed=config.seed,
+                       num_workers=num_workers)
+  return (lambda: train_epoch_dataloader(run, loader),
+          lambda: _on_device(make_loader(
+              train_x, train_y, config.batch_size, seed=config.seed, shuffle=False,
+              num_workers=num_workers), device))
 
-  test_index = np.arange(len(test_y), dtype=np.int32)
-  test_nums = data_lib.test_numbers(len(test_y), config.eval_seed)
+
+def _train_epochs(run: TorchRun, run_epoch: Callable[[], float], config: Config, test: tuple,
+                  log: bool) -> tuple[list[dict[str, Any]], list[float]]:
+  """`config.epochs` epochs, each scored on the test pairs: (the metrics rows, the epochs' seconds).
+
+  Args:
+    test: (images, labels, image index, numbers) of the test pairs.
+  """
   history, epoch_seconds = [], []
   for epoch in range(1, config.epochs + 1):
     t0 = time.perf_counter()
@@ -454,8 +488,7 @@ def train(
     epoch_seconds.append(seconds)
     if not math.isfinite(loss):
       raise FloatingPointError(f"loss became {loss} in epoch {epoch}; lower --lr")
-    scores = evaluate(run.model, test_x, test_y, test_index, test_nums,
-                      config.eval_batch_size)
+    scores = evaluate(run.model, *test, config.eval_batch_size)
     row = {"epoch": epoch, "train_loss": loss, **{f"test_{k}": v for k, v in scores.items()},
            "lr": run.last_lr, "seconds": seconds}
     history.append(row)
@@ -463,33 +496,32 @@ def train(
       print(f"epoch {epoch:2d}/{config.epochs}  loss {loss:.4f}  test digit "
             f"{row['test_digit_acc']:.4f} sum {row['test_sum_acc']:.4f} joint "
             f"{row['test_joint_acc']:.4f}  lr {row['lr']:.5f}  {seconds:.1f}s", flush=True)
+  return history, epoch_seconds
 
-  models = {"final": run.model}
-  if pipeline == "inmemory":
-    bn_batches = ordered_batches(images, config.batch_size)
-  else:
-    bn_batches = _on_device(make_loader(
-        train_x, train_y, config.batch_size, seed=config.seed, shuffle=False,
-        num_workers=num_workers), device)
-  swa_model = finish_swa(run, bn_batches)
-  if swa_model is not None:
-    models["swa"] = swa_model
 
+def _score(models: dict[str, TorchAdderNet], test: tuple, batch_size: int,
+           log: bool) -> dict[str, Any]:
+  """Each model's ``test`` (the fixed pairs) and ``exhaustive`` metrics, by name."""
+  test_x, test_y = test[:2]
   ex_index, ex_nums = data_lib.exhaustive_pairs(len(test_y))
   results: dict[str, Any] = {}
   for name, model in models.items():
     results[name] = {
-        "test": evaluate(model, test_x, test_y, test_index, test_nums, config.eval_batch_size),
-        "exhaustive": evaluate(model, test_x, test_y, ex_index, ex_nums,
-                               config.eval_batch_size),
+        "test": evaluate(model, *test, batch_size),
+        "exhaustive": evaluate(model, test_x, test_y, ex_index, ex_nums, batch_size),
     }
     if log:
-      test, ex = results[name]["test"], results[name]["exhaustive"]
-      print(f"{name:5s}  test joint {test['joint_acc']:.4f}  exhaustive: digit "
+      test_m, ex = results[name]["test"], results[name]["exhaustive"]
+      print(f"{name:5s}  test joint {test_m['joint_acc']:.4f}  exhaustive: digit "
             f"{ex['digit_acc']:.4f} sum {ex['sum_acc']:.4f} joint {ex['joint_acc']:.4f} "
             f"consistency {ex['consistency']:.4f}", flush=True)
+  return results
 
-  results.update({
+
+def _run_info(config: Config, device: torch.device, n_params: int, epoch_seconds: list[float],
+              t_start: float, pipeline: str, num_workers: int) -> dict[str, Any]:
+  """The results' keys besides the scores; ``wall_seconds`` runs from `t_start` to now."""
+  return {
       "params": n_params,
       "backend": device.type,
       "devices": 1,
@@ -504,25 +536,27 @@ def train(
       "config": config.to_dict(),
       "versions": {"torch": torch.__version__, "numpy": np.__version__,
                    "python": platform.python_version()},
-  })
-  if workdir is not None:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-      f.writelines(json.dumps(row) + "\n" for row in history)
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
-  return results
+  }
 
 
-def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Namespace]:
-  """Flags -> (Config, the remaining options). Unset flags keep `Config`'s defaults."""
+def _write_run(workdir: str, history: list[dict[str, Any]], results: dict[str, Any]) -> None:
+  """``metrics.jsonl`` (a row per epoch) and ``results.json`` in `workdir`."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+    f.writelines(json.dumps(row) + "\n" for row in history)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+
+
+def create_parser() -> argparse.ArgumentParser:
+  """The reference's parser: `adder.config.REFERENCE_FLAGS`, as adder.train defines them."""
   p = argparse.ArgumentParser(
       prog="python experiments/torch_reference.py",
       description="Train the MNIST adder with the original PyTorch recipe and evaluate "
                   "it like adder.train (same fixed pairs, same results.json keys).")
   p.add_argument("--workdir", default="runs/torch_reference",
                  help="receives metrics.jsonl and results.json (default: %(default)s)")
-  add_recipe_flags(p)  # --epochs --batch-size --lr --seed --mnist-dir --data-dir --no-swa --swa-lr
+  config_lib.add_flags(p, config_lib.REFERENCE_FLAGS)
   p.add_argument("--pipeline", choices=("dataloader", "inmemory"), default="dataloader",
                  help="dataloader: the original Dataset + DataLoader; inmemory: the "
                       "training set as one tensor, batches by indexing (default: %(default)s)")
@@ -532,6 +566,16 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
                  help="torch.set_num_threads (default: PyTorch's choice)")
   p.add_argument("--device", default=None,
                  help="cpu, cuda, ... (default: cuda if PyTorch sees it, else cpu)")
+  return p
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Namespace]:
+  """Flags -> (Config, the remaining options). Unset flags keep `Config`'s defaults.
+
+  Raises:
+    ValueError: a field out of its range (`Config.validate`).
+  """
+  p = create_parser()
   a = p.parse_args(argv)
   if a.num_workers < 0:
     p.error("--num-workers must be at least 0")
@@ -539,11 +583,15 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[Config, argparse.Names
     p.error("--threads must be at least 1")
   # The original recipe has no augmentation, and neither has this reference.
   # --consistency-weight 0 gives the original's loss too.
-  return config_from_flags(p, a).without_augmentation(), a
+  return config_lib.from_flags(a).without_augmentation().validate(), a
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-  config, a = parse_args(argv)
+  try:
+    config, a = parse_args(argv)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   if a.threads is not None:
     torch.set_num_threads(a.threads)
   try:

@@ -1,6 +1,8 @@
-"""Shared fixtures: a tiny learnable fake dataset, the real MNIST folder, MNIST
-prepared once per session, and code that hides packages from a subprocess."""
+"""Shared fixtures: a tiny learnable fake dataset and the tiny recipe that learns it,
+the real MNIST folder, MNIST prepared once per session, and code that hides
+packages from a subprocess."""
 
+import json
 import os
 import pathlib
 import textwrap
@@ -87,3 +89,42 @@ def without_packages(*names: str) -> str:
 
       sys.meta_path[:] = [_Without(f) for f in sys.meta_path]
       """)
+
+
+# A tiny recipe that learns the fake data in three epochs, every epoch saved
+# (the resume tests stop after any). Fake blob patterns are learnt in three
+# short epochs only as they are, so TINY does not augment; TINY_AUGMENTED (the
+# default bounds) checks that resuming draws the same transforms.
+def _tiny_configs():
+  from adder.config import Config  # pylint: disable=g-import-not-at-top
+  tiny = Config(epochs=3, batch_size=32, lr=0.05, eval_batch_size=64, swa_start_frac=0.5,
+                save_every_s=0.0).without_augmentation()
+  d = Config()
+  return tiny, tiny.replace(augment_shift_px=d.augment_shift_px,
+                            augment_rotate_deg=d.augment_rotate_deg,
+                            augment_scale=d.augment_scale)
+
+
+TINY, TINY_AUGMENTED = _tiny_configs()
+
+
+def metrics_rows(workdir) -> list:
+  """The rows of ``<workdir>/metrics.jsonl``."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def short_run(fake_mnist, tmp_path_factory):
+  """TINY trained on the fake data: ``(workdir, results)``."""
+  from adder import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("run"))
+  return workdir, train.train_and_evaluate(TINY, workdir, dataset=fake_mnist)
+
+
+@pytest.fixture(scope="session")
+def short_run_augmented(fake_mnist, tmp_path_factory):
+  """TINY_AUGMENTED trained on the fake data: ``(workdir, results)``."""
+  from adder import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("run_augmented"))
+  return workdir, train.train_and_evaluate(TINY_AUGMENTED, workdir, dataset=fake_mnist)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from adder import augment
-from adder import train as train_lib
+from adder import step as step_lib
 from adder.config import Config
 
 
@@ -92,59 +92,6 @@ def test_random_affine_is_deterministic_from_its_key_and_keeps_shape_and_dtype()
   assert np.all(np.any(np.asarray(a) != np.asarray(x), axis=(1, 2)))
 
 
-def test_a_constant_displacement_reads_like_the_opposite_shift():
-  # Output pixel p reads the input at p + d: a displacement of (1, -2)
-  # everywhere is a shift of (-1, 2), exactly.
-  x = _images(2)
-  d = jnp.broadcast_to(jnp.asarray([1.0, -2.0]), (2, 28, 28, 2))
-  y = augment.affine_transform(x, jnp.zeros(2), jnp.zeros((2, 2)), displacement=d)
-  shifted = augment.affine_transform(x, jnp.zeros(2), jnp.asarray([[-1.0, 2.0]] * 2))
-  np.testing.assert_array_equal(np.asarray(y), np.asarray(shifted))
-  zero = augment.affine_transform(x, jnp.zeros(2), jnp.zeros((2, 2)),
-                                  displacement=jnp.zeros((2, 28, 28, 2)))
-  np.testing.assert_array_equal(np.asarray(zero), np.asarray(x))
-
-
-def test_gaussian_matrix_smooths_like_a_normalised_gaussian():
-  g = augment.gaussian_matrix(28, 2.0)
-  assert g.shape == (28, 28) and g.dtype == np.float32
-  np.testing.assert_allclose(g, g.T)
-  np.testing.assert_allclose(g[14].sum(), 1.0, rtol=1e-6)  # the whole window fits
-  assert 0.5 < g[0].sum() < 0.6  # half the window is cut at the edge
-  np.testing.assert_allclose((g @ np.ones(28, np.float32))[8:20], 1.0, rtol=1e-6)
-  assert g[14, 14] == g.max() and g[14, 13] == g[14, 15] and g[14, 14 + 9] == 0  # 4 sigma
-
-
-@pytest.mark.parametrize("rms_px, sigma", [(0.5, 4.0), (2.0, 2.0)])
-def test_elastic_displacement_has_its_standard_deviation_and_is_smooth(rms_px, sigma):
-  d = np.asarray(augment.elastic_displacement(jax.random.PRNGKey(0), 256, 28, 28,
-                                              rms_px=rms_px, sigma=sigma))
-  assert d.shape == (256, 28, 28, 2) and d.dtype == np.float32
-  interior = d[:, 10:18, 10:18]
-  np.testing.assert_allclose(interior.std(), rms_px, rtol=0.1)
-  assert abs(interior.mean()) < 0.1 * rms_px
-  # Neighbouring pixels move together: smoothing by a Gaussian of std sigma
-  # correlates them by exp(-1 / (4 sigma^2)), which sets the step between them.
-  step = np.diff(d, axis=2)[:, 10:18, 10:17].std()
-  np.testing.assert_allclose(step, rms_px * np.sqrt(2 * (1 - np.exp(-1 / (4 * sigma**2)))),
-                             rtol=0.15)
-
-
-def test_random_elastic_is_deterministic_and_keeps_the_affine_draws():
-  x = _images(8)
-  key = jax.random.PRNGKey(5)
-  f = jax.jit(lambda k, x, e: augment.random_affine(k, x, shift_px=1.0, rotate_deg=10.0,
-                                                    elastic_px=e), static_argnums=2)
-  a, b, plain = f(key, x, 1.0), f(key, x, 1.0), f(key, x, 0.0)
-  assert a.shape == x.shape and a.dtype == x.dtype
-  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  assert not np.allclose(np.asarray(a), np.asarray(plain))
-  tiny = f(key, x, 1e-4)  # the same angles and shifts, barely displaced
-  np.testing.assert_allclose(np.asarray(tiny), np.asarray(plain), atol=0.1)
-  only = augment.random_affine(key, x, shift_px=0.0, rotate_deg=0.0, elastic_px=1.0)
-  assert not np.allclose(np.asarray(only), np.asarray(x))
-
-
 def test_step_keys_differ_by_step_and_epoch_and_repeat():
   key = jax.random.PRNGKey(0)
   k1, k1_again, k2 = (augment.step_keys(key, e, 5) for e in (1, 1, 2))
@@ -156,45 +103,12 @@ def test_step_keys_differ_by_step_and_epoch_and_repeat():
 
 
 def test_config_augmentation_switch():
-  assert Config().augment and train_lib.create_augment(Config()) is not None
+  assert Config().augment and step_lib.create_augment(Config()) is not None
   plain = Config().without_augmentation()
-  assert not plain.augment and train_lib.create_augment(plain) is None
+  assert not plain.augment and step_lib.create_augment(plain) is None
   assert Config(augment_shift_px=0.0).augment  # rotation alone still augments
   assert Config(augment_shift_px=0.0, augment_rotate_deg=0.0, augment_scale=0.1).augment
   assert Config(augment_scale=0.1).without_augmentation().augment_scale == 0.0
-  elastic_only = Config(augment_shift_px=0.0, augment_rotate_deg=0.0, augment_scale=0.0,
-                        augment_elastic_px=1.0)
-  assert elastic_only.augment and not elastic_only.without_augmentation().augment
-  last_plain = Config(epochs=4, plain_last_epochs=2)
-  assert [last_plain.augments_epoch(e) for e in (1, 2, 3, 4)] == [True, True, False, False]
-  assert not last_plain.without_augmentation().augments_epoch(1)
-  assert last_plain.without_augmentation().plain_last_epochs == 0
-
-
-def test_plain_last_epochs_train_as_the_plain_recipe(fake_mnist):
-  # Epochs 1-2 augmented, epoch 3 plain: from the same state after epoch 2,
-  # epoch 3 equals the plain recipe's epoch 3, and epoch 2 the augmented one's.
-  x = jnp.asarray(fake_mnist["train_images"])
-  y = jnp.asarray(fake_mnist["train_labels"])
-  key = jax.random.PRNGKey(1)
-  config = Config(batch_size=32, epochs=3, plain_last_epochs=1)
-
-  def epochs(cfg, state, first, last):
-    fn = train_lib.epoch_function(cfg, None)
-    for e in range(first, last + 1):
-      state, _ = fn(state, x, y, key, e)
-    return state
-
-  start = lambda: train_lib.create_train_state(config, jax.random.PRNGKey(0), 8)[0]  # noqa: E731
-  after_two = epochs(config, start(), 1, 2)
-  chex.assert_trees_all_equal(
-      after_two.params, epochs(config.replace(plain_last_epochs=0), start(), 1, 2).params)
-  mixed = epochs(config, after_two, 3, 3)
-  plain = epochs(config.without_augmentation(), epochs(config, start(), 1, 2), 3, 3)
-  augmented = epochs(config.replace(plain_last_epochs=0), epochs(config, start(), 1, 2), 3, 3)
-  chex.assert_trees_all_equal(mixed.params, plain.params)
-  assert not np.allclose(jax.tree_util.tree_leaves(mixed.params)[0],
-                         jax.tree_util.tree_leaves(augmented.params)[0])
 
 
 def test_epoch_with_augmentation_is_deterministic_and_differs_from_without(fake_mnist):
@@ -203,9 +117,9 @@ def test_epoch_with_augmentation_is_deterministic_and_differs_from_without(fake_
   key = jax.random.PRNGKey(1)
 
   def run(config):
-    state, _ = train_lib.create_train_state(config, jax.random.PRNGKey(0), 8)
-    epoch = jax.jit(train_lib.train_epoch, static_argnames=("batch_size", "augment"))
-    aug = train_lib.create_augment(config)
+    state, _ = step_lib.create_train_state(config, jax.random.PRNGKey(0), 8)
+    epoch = jax.jit(step_lib.train_epoch, static_argnames=("batch_size", "augment"))
+    aug = step_lib.create_augment(config)
     for e in (1, 2):
       state, m = epoch(state, x, y, key, e, batch_size=32, augment=aug)
     return state.params, m["loss"]

@@ -134,14 +134,14 @@ import sys
 import jax
 import numpy as np
 from adder import data as data_lib
-from adder import train as train_lib
+from adder import step as step_lib
 from adder.config import Config
 
 dataset = data_lib.load_mnist(data_dir=sys.argv[1])
 config = Config(batch_size=8, epochs=1)
-state, _ = train_lib.create_train_state(config, jax.random.PRNGKey(0), steps_per_epoch=8)
+state, _ = step_lib.create_train_state(config, jax.random.PRNGKey(0), steps_per_epoch=8)
 indices, numbers = data_lib.epoch_plan(jax.random.PRNGKey(0), 0, 64, 8)
-state, metrics = jax.jit(train_lib.train_batch)(
+state, metrics = jax.jit(step_lib.train_batch)(
     state, dataset["train_images"], dataset["train_labels"], indices[0], numbers[0])
 assert int(state.step) == 1 and np.isfinite(float(metrics["loss"])), metrics
 assert "tensorflow_datasets" in sys.modules and "array_record" in sys.modules

@@ -12,6 +12,7 @@ import pytest
 
 from adder import data as data_lib
 from adder import lr_find
+from adder import distributed
 from adder import train as train_lib
 from adder.config import Config
 from conftest import REPO
@@ -98,7 +99,7 @@ def test_range_test_starts_where_training_starts(fake_mnist):
   # update, so whatever the learning rate) is training's first.
   s, state = train_lib.setup(SMALL, fake_mnist)
   _, m = s.epoch_fn(state, s.train_x, s.train_y, s.data_key, 1)
-  assert losses[0] == pytest.approx(float(train_lib.to_host(m["loss"])[0]), rel=1e-5)
+  assert losses[0] == pytest.approx(float(distributed.to_host(m["loss"])[0]), rel=1e-5)
   assert np.all(np.isfinite(losses))
 
 
@@ -169,7 +170,7 @@ def test_cli_help_lists_the_flags():
     (["--min-lr", "1", "--max-lr", "0.5"], "--min-lr and --max-lr must satisfy"),
     (["--max-lr", "nan"], "--min-lr and --max-lr must satisfy"),
     (["--steps", "5"], f"--steps must be at least {lr_find.MIN_STEPS}"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "0"], "batch_size (--batch-size) must be at least 1, got 0"),
 ])
 def test_cli_rejects_bad_flags(args, message):
   r = _cli(*args)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from adder import checkpoint
-from adder import train
+from adder import distributed
 from conftest import REPO, real_mnist_dir
 
 TIMEOUT_S = 300  # for a whole run of two processes on fake data
@@ -78,14 +78,14 @@ def _wait_all(procs: dict, log_dir, timeout: float = TIMEOUT_S) -> dict:
 _TRAIN = """
 import sys
 from conftest import make_fake_mnist
-from adder import devices, train
+from adder import devices, distributed, train
 from adder.config import Config
 
 coordinator, workdir = sys.argv[1], sys.argv[4]
 processes, process_id = int(sys.argv[2]), int(sys.argv[3])
 config = Config(epochs=2, batch_size=32, lr=0.05, eval_batch_size=64, swa_start_frac=0.5)
 if processes > 1:
-  train.initialize_distributed(coordinator, processes, process_id)
+  distributed.initialize_distributed(coordinator, processes, process_id)
 devices.configure_cpu_devices(config.batch_size, processes=processes)
 train.train_and_evaluate(config, workdir, dataset=make_fake_mnist())
 """
@@ -159,9 +159,9 @@ def test_cli_two_processes_on_real_mnist(prepared_mnist, tmp_path):
 _FAKE_DATA_CLI = """
 import sys
 from conftest import make_fake_mnist
-from adder import data, train
+from adder import cli, data
 data.load_mnist = lambda mnist_dir=None, data_dir=None: make_fake_mnist()
-sys.exit(train.main(sys.argv[1:]))
+sys.exit(cli.main(sys.argv[1:]))
 """
 
 
@@ -179,7 +179,7 @@ def test_a_process_that_dies_ends_the_other_with_an_error(tmp_path):
     time.sleep(0.5)
   procs["p1"].kill()
   # Within the heartbeat timeout at most; at once here, as its connections close.
-  out = _wait_all(procs, tmp_path, timeout=train.DISTRIBUTED_TIMEOUTS["heartbeat_timeout_seconds"])
+  out = _wait_all(procs, tmp_path, timeout=distributed.DISTRIBUTED_TIMEOUTS["heartbeat_timeout_seconds"])
   code, _, err = out["p0"]
   errors = [l for l in err.splitlines() if l.startswith("error:")]
   assert code == 1 and len(errors) == 1, err[-3000:]
