@@ -1,4 +1,4 @@
-"""Epoch time of `adder.train.train_epoch` with the model's convolution gradients vs lax's own.
+"""Epoch time of `adder.step.train_epoch` with the model's convolution gradients vs lax's own.
 
 Commands (from the repository root; the CPU figures are in docs/cpu-performance.md,
 the cost of augmentation in docs/design.md):
@@ -62,7 +62,9 @@ from jax import lax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from adder import conv_cpu  # noqa: E402
 from adder import devices  # noqa: E402
+from adder import distributed  # noqa: E402
 from adder import model as model_lib  # noqa: E402
+from adder import step  # noqa: E402
 from adder import train  # noqa: E402
 from adder.config import Config  # noqa: E402
 
@@ -76,13 +78,13 @@ def time_epochs(dataset, epochs: int = 5, config: Config = Config().without_augm
   s, state = train.setup(config, dataset)
   t0 = time.perf_counter()
   state, m = s.epoch_fn(state, s.train_x, s.train_y, s.data_key, 1)
-  train.to_host(m["loss"])
+  distributed.to_host(m["loss"])
   first = time.perf_counter() - t0
   times = []
   for epoch in range(2, epochs + 2):
     t0 = time.perf_counter()
     state, m = s.epoch_fn(state, s.train_x, s.train_y, s.data_key, epoch)
-    train.to_host(m["loss"])
+    distributed.to_host(m["loss"])
     times.append(time.perf_counter() - t0)
   return {"first_epoch_s": round(first, 3), "epoch_s": [round(t, 4) for t in times],
           "median_epoch_s": round(float(np.median(times)), 4)}
@@ -98,7 +100,7 @@ def _epoch(s, state, epoch: int):
   """One training epoch, to the host holding its losses: the new state and the seconds."""
   t0 = time.perf_counter()
   state, m = s.epoch_fn(state, s.train_x, s.train_y, s.data_key, epoch)
-  train.to_host(m["loss"])
+  distributed.to_host(m["loss"])
   return state, time.perf_counter() - t0
 
 
@@ -342,7 +344,7 @@ def cpu_ynn(dataset, rounds: int = 3) -> dict:
     s, state = train.setup(config, dataset)
     for options_name, options in (("xla_default", None),
                                   ("without_ynn_convolutions", YNN_WITHOUT_CONVOLUTIONS)):
-      fn = jax.jit(functools.partial(train.train_epoch, batch_size=config.batch_size,
+      fn = jax.jit(functools.partial(step.train_epoch, batch_size=config.batch_size,
                                      batch_sharding=s.batch_sharding, augment=None),
                    donate_argnums=0, compiler_options=options)
       own = jax.tree_util.tree_map(jnp.copy, state)
