@@ -11,6 +11,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from adder import model as model_lib
@@ -70,6 +71,43 @@ def test_quick_markdown_has_tables_and_command(quick_run):
   assert bench.command_line(argv).startswith("python experiments/benchmark.py --quick")
   for word in ("jax", "jaxlib", "flax", "optax", "torch", "threads", "backend"):
     assert word in markdown
+
+
+def test_quick_markdown_renders_again_from_its_json(quick_run):
+  # --from-json's path: the figures alone give the same section, byte for byte.
+  _, figures, markdown = quick_run
+  section = bench.render_markdown(*bench.from_figures(figures))
+  assert f"<!-- benchmark:cpu-quick:begin -->\n{section.rstrip()}\n" in markdown
+
+
+def test_benchmarks_md_cpu_section_is_rendered_from_its_json(tmp_path, capsys):
+  """BENCHMARKS.md's CPU section is `--from-json docs/benchmark-cpu.json`'s output."""
+  out = tmp_path / "B.md"
+  assert bench.main(["--from-json", str(REPO / "docs" / "benchmark-cpu.json"),
+                     "--out", str(out)]) == 0
+  begin, end = "<!-- benchmark:cpu:begin -->", "<!-- benchmark:cpu:end -->"
+
+  def section(text):
+    return text[text.index(begin):text.index(end)]
+
+  assert section(out.read_text()) == section((REPO / "BENCHMARKS.md").read_text())
+  assert "| training throughput, training runs' epochs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, switched_off", [(["--xla-convolutions"], True), ([], False)])
+def test_xla_convolutions_switches_the_kernels_off_around_the_jax_worker(
+    tmp_path, monkeypatch, flags, switched_off):
+  from adder import conv_cpu, devices  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(devices, "configure_cpu_devices", lambda batch_size: "as configured")
+  monkeypatch.setattr(bench, "_run_jax",
+                      lambda a, dataset: {"convolutions": conv_cpu.describe()})
+  data, result = tmp_path / "data.npz", tmp_path / "jax.json"
+  np.savez(data, train_labels=np.zeros(4, np.int32))
+  a = bench.parse_args(["--quick", *flags, "--_worker", "jax", "--_data", str(data),
+                        "--_result", str(result), "--_device", "cpu"])
+  assert bench._run_worker(a) == 0
+  said = json.loads(result.read_text())["convolutions"]
+  assert ("use_kernels(False)" in said) == switched_off, said
 
 
 def test_time_to_target_sums_epoch_seconds_until_reached():
