@@ -13,11 +13,14 @@ with uvicorn, until Ctrl-C:
   /api/health``: checkpoint, weights, JAX backend; ``GET /docs``: the OpenAPI
   docs (Swagger UI, whose script comes from a CDN; ``/openapi.json`` is local).
 
-Requests reach the model through one thread, so JAX is only ever called from
-it, and every batch is padded to the next size in `BUCKETS`, so no request
-compiles. With ``--batching micro`` (the default) the requests waiting for the
-model while it runs are joined into its next call (`MicroBatcher`); with
-``off`` each request is one call. Every 4xx answer is ``{"error": "<one
+One worker thread (`ModelRunner`) does a request's work: it decodes and
+prepares the images and runs the model, so JAX is only ever called from it and
+the event loop only reads and answers HTTP. Every batch is padded to the next
+size in `BUCKETS`, so no request compiles. With ``--batching micro`` (the
+default) the requests that wait for the model while it runs are joined into
+its next call (`MicroBatcher`); with ``off`` each request is one model call.
+``experiments/serve_load.py`` measures both (BENCHMARKS.md: micro answered
+more single requests per second). Every 4xx answer is ``{"error": "<one
 line>"}``; bodies over `adder.api.MAX_BODY_BYTES` are refused by their
 Content-Length before being read, or as soon as the stream passes the limit.
 """
@@ -33,13 +36,12 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import jax
 import numpy as np
 import uvicorn
 from fastapi import Body, FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -58,7 +60,7 @@ Probabilities = tuple[np.ndarray, np.ndarray]  # float32 (N, 10) and (N, 19)
 
 
 class ModelRunner:
-  """A `Predictor` behind one thread, on batches padded to the compiled sizes."""
+  """A `Predictor` behind one worker thread, on batches padded to the compiled sizes."""
 
   def __init__(self, predictor: predict.Predictor, buckets: Sequence[int] = BUCKETS):
     self.predictor = predictor
@@ -85,10 +87,14 @@ class ModelRunner:
       sum_probs.append(s[:n])
     return np.concatenate(digit_probs), np.concatenate(sum_probs)
 
-  async def __call__(self, images: np.ndarray, numbers: np.ndarray) -> Probabilities:
-    """`run` on the model's thread: one model call per request."""
-    return await asyncio.get_running_loop().run_in_executor(
-        self._executor, self.run, images, numbers)
+  def answer(self, body: Union[api.Single, api.Batch]) -> tuple[np.ndarray, Probabilities]:
+    """A request's prepared images (N, 28, 28) and probabilities: one model call."""
+    images, numbers = api.prepare_all(body)
+    return images, self.run(images, numbers)
+
+  async def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on the worker thread, in the order submitted."""
+    return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
   def close(self) -> None:
     self._executor.shutdown(wait=True)
@@ -139,8 +145,9 @@ class MicroBatcher:
 
   async def _run(self, jobs: list) -> None:
     try:
-      digit_probs, sum_probs = await self._runner(
-          np.concatenate([j[0] for j in jobs]), np.concatenate([j[1] for j in jobs]))
+      digit_probs, sum_probs = await self._runner.submit(
+          self._runner.run, np.concatenate([j[0] for j in jobs]),
+          np.concatenate([j[1] for j in jobs]))
     except Exception as e:  # pylint: disable=broad-except  (handed to each waiting request)
       for *_, future in jobs:
         if not future.done():
@@ -226,7 +233,8 @@ def create_app(predictor: predict.Predictor, checkpoint: str, batching: str = "m
   Args:
     predictor: the loaded checkpoint (`adder.predict.load`).
     checkpoint: its path, reported by ``/api/health``.
-    batching: ``"micro"`` (concurrent requests share model calls) or ``"off"``.
+    batching: ``"micro"`` (requests waiting for the model share its next call)
+      or ``"off"`` (one model call per request).
     buckets: ascending batch sizes to compile; the last is the largest call.
   """
   if batching not in BATCHING:
@@ -234,7 +242,6 @@ def create_app(predictor: predict.Predictor, checkpoint: str, batching: str = "m
   runner = ModelRunner(predictor, buckets)
   runner.warm_up()
   batcher = MicroBatcher(runner, runner.buckets[-1]) if batching == "micro" else None
-  model = batcher or runner
 
   @contextlib.asynccontextmanager
   async def lifespan(_: FastAPI):
@@ -253,6 +260,13 @@ def create_app(predictor: predict.Predictor, checkpoint: str, batching: str = "m
       status="ok", checkpoint=os.path.abspath(checkpoint), weights=predictor.weights,
       backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
       batching=batching, max_batch=api.MAX_BATCH, compiled_batch_sizes=list(runner.buckets))
+  _add_routes(app, runner, batcher, health)
+  return app
+
+
+def _add_routes(app: FastAPI, runner: ModelRunner, batcher: Optional[MicroBatcher],
+                health: api.Health) -> None:
+  """The page, its files, the prediction and the health routes."""
 
   @app.post("/api/predict", response_model=Union[api.Prediction, api.BatchPrediction],
             response_model_exclude_none=True, responses=_BAD_INPUT)
@@ -260,8 +274,11 @@ def create_app(predictor: predict.Predictor, checkpoint: str, batching: str = "m
       body: api.PredictRequest = Body(openapi_examples=_EXAMPLES),
   ) -> Union[api.Prediction, api.BatchPrediction]:
     """Digit, sum and both heads' probabilities, for one item or a batch."""
-    images, numbers = await run_in_threadpool(api.prepare_all, body)  # PNG decoding
-    digit_probs, sum_probs = await model(images, numbers)
+    if batcher is None:
+      images, (digit_probs, sum_probs) = await runner.submit(runner.answer, body)
+    else:
+      images, numbers = await runner.submit(api.prepare_all, body)
+      digit_probs, sum_probs = await batcher(images, numbers)
     answers = api.predictions(digit_probs, sum_probs, images if body.return_image else None)
     return api.BatchPrediction(predictions=answers) if isinstance(body, api.Batch) else answers[0]
 
@@ -275,7 +292,6 @@ def create_app(predictor: predict.Predictor, checkpoint: str, batching: str = "m
     return FileResponse(os.path.join(STATIC_DIR, "index.html"))
 
   app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-  return app
 
 
 # --- command line ---
@@ -296,7 +312,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help="weight set to use (default: swa when the checkpoint has it, else final)")
   p.add_argument("--batching", choices=BATCHING, default="micro",
                  help="micro (default): requests waiting for the model share its next "
-                      "call; off: one model call per request")
+                      "call; off: one model call per request (fewer requests/s in "
+                      "BENCHMARKS.md)")
   return p.parse_args(argv)
 
 
