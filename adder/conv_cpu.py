@@ -88,7 +88,7 @@ class Kernels(NamedTuple):
 
 @contextlib.contextmanager
 def use_kernels(on: bool) -> Iterator[None]:
-  """Within this block, the model traces its convolutions with adder's kernels (where they load) or not.
+  """Trace the model's convolutions in this block with adder's kernels (where they load) or not.
 
   On by default; ``ADDER_CPU_KERNELS=0`` turns them off for the whole process.
   The choice is made when a function is traced: JAX's jit caches key on it, so
@@ -301,7 +301,7 @@ def _ffi_kernel_grad(x: jax.Array, g: jax.Array, kh: int, kw: int) -> jax.Array:
 
 def _input_grad_with(forward_fn: Callable[[jax.Array, jax.Array], jax.Array], g: jax.Array,
                      kernel: jax.Array) -> jax.Array:
-  """`input_grad` through `forward_fn`: ``forward_fn`` of g padded by kh - 1, kw - 1, flipped kernel."""
+  """`input_grad` through `forward_fn` (the kernels' own forward, or one under test)."""
   kh, kw = kernel.shape[:2]
   padded = jnp.pad(g, ((0, 0), (kh - 1, kh - 1), (kw - 1, kw - 1), (0, 0)))
   return forward_fn(padded, jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2))
