@@ -25,7 +25,7 @@ def parser(description: str) -> argparse.ArgumentParser:
   """A parser of ``WORKDIR...`` plus ``--mnist-dir`` and ``--data-dir``."""
   p = argparse.ArgumentParser(description=description)
   p.add_argument("workdirs", nargs="+", help="training workdirs (or checkpoint folders)")
-  config_lib.add_data_flags(p)
+  config_lib.add_flags(p, config_lib.DATA_FLAGS)
   return p
 
 
