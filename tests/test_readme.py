@@ -172,3 +172,10 @@ def test_layout_names_every_module_and_script():
         assert f"{folder}/{source.name}" in listed, f"the Layout leaves out {folder}/{source.name}"
   for entry in listed:
     assert (REPO / entry.rstrip("/")).exists(), f"the Layout lists a missing {entry}"
+
+
+def test_testing_doc_lists_every_test_file():
+  listed = set(re.findall(r"^\| `(test_\w+\.py)` \|", DOCS["testing.md"], re.M))
+  present = {p.name for p in (REPO / "tests").glob("test_*.py")}
+  assert listed == present, (f"docs/testing.md lacks {sorted(present - listed)}, "
+                             f"lists missing {sorted(listed - present)}")
