@@ -32,7 +32,7 @@ SCALE = 4
 
 def as_scan(image: np.ndarray, scale: int = SCALE) -> Image.Image:
   """uint8 (28, 28) white-on-black -> greyscale PIL image (28·scale)², dark on light."""
-  ink = Image.fromarray(255 - np.asarray(image, np.uint8), mode="L")
+  ink = Image.fromarray(255 - np.asarray(image, np.uint8))  # 2-D uint8: mode "L"
   return ink.resize((ink.width * scale, ink.height * scale), Image.BILINEAR)
 
 
