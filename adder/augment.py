@@ -4,9 +4,9 @@ Each training image is rotated by a uniform angle in ``[-rotate_deg,
 rotate_deg]`` about its centre, optionally scaled about it by a uniform factor
 in ``[1 - scale, 1 + scale]``, and shifted by a uniform offset in
 ``[-shift_px, shift_px]`` pixels along each axis, the usual augmentation for
-MNIST. The whole batch is transformed at once inside the jitted step: the parameters come from `jax.random` and the
-resampling is a bilinear gather, so there is no per-image Python and no trip
-to the host.
+MNIST. The whole batch is transformed at once inside the jitted step: the
+parameters come from `jax.random` and the resampling is a bilinear gather, so
+there is no per-image Python and no trip to the host.
 
 `affine_transform` is the deterministic part (given angles, shifts and
 scales); `random_affine` draws them. Pixels are raw intensities

@@ -34,7 +34,8 @@ REMOVED_FIELDS = {"label_smoothing": 0.0, "plain_last_epochs": 0, "augment_elast
 INF = math.inf
 
 
-def _field(default: Any, flag: Optional[str] = None, help: str = "",  # pylint: disable=redefined-builtin
+def _field(default: Any, flag: Optional[str] = None,
+           help: str = "",  # pylint: disable=redefined-builtin
            *, low: float = -INF, high: float = INF, low_open: bool = False,
            metavar: Optional[str] = None, invert: bool = False) -> Any:
   """A `Config` field with its range ``[low, high]`` (``(low, high]`` with `low_open`).

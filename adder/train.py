@@ -262,6 +262,13 @@ def run_info(config: Config, n_params: int) -> dict[str, Any]:
   }
 
 
+def write_results(workdir: str, results: dict[str, Any]) -> None:
+  """``<workdir>/results.json`` (process 0)."""
+  if distributed.is_main_process():
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+
+
 def write_checkpoint_and_plots(
     workdir: str,
     config: Config,
@@ -274,13 +281,15 @@ def write_checkpoint_and_plots(
   """The orbax checkpoint of both weight sets, and the PNGs of the preferred one.
 
   Every process calls it: the save is collective (orbax writes the host arrays,
-  the same on every process, from process 0 alone). Process 0 draws the plots.
+  the same on every process, from process 0 alone). Process 0 draws the plots,
+  whose titles name the weights they show.
   """
   checkpoint.save(os.path.join(workdir, "checkpoint"), distributed.to_host(weight_sets), config)
   if distributed.is_main_process():
     from adder import plots  # pylint: disable=g-import-not-at-top
+    weights = checkpoint.preferred_weights(weight_sets)
     plots.write_all(workdir, history, dataset["test_images"], dataset["test_labels"],
-                    test_numbers, *test_preds[checkpoint.preferred_weights(weight_sets)])
+                    test_numbers, *test_preds[weights], weights=weights)
 
 
 def check_before_data(config: Config, dataset: Optional[dict[str, np.ndarray]]) -> None:
@@ -311,8 +320,7 @@ def train_and_evaluate(
   Args:
     config: the run; checked first (`Config.validate`).
     workdir: receives ``metrics.jsonl``, ``results.json``, ``checkpoint/``,
-      PNG plots, ``tensorboard/`` and ``state/`` (the training state after
-      each saved epoch, which a later call with the same config resumes from).
+      PNG plots, ``tensorboard/`` and ``state/`` (saved epochs, to resume from).
     dataset: arrays as returned by `adder.data.load_mnist`; None loads MNIST.
     write_artifacts: False skips checkpoint and plots (quick experiments).
     restart: delete the saved training state and start from scratch.
@@ -320,10 +328,9 @@ def train_and_evaluate(
       after the epoch in progress, saved.
 
   Returns:
-    The results dictionary also written to ``results.json``: scores, run info,
+    The results also written to ``results.json``: scores, run info,
     ``train_seconds`` (the epochs' training time, over every session of a
-    resumed run) and ``wall_seconds`` (this session, from the data in host
-    memory to the final scores).
+    resumed run) and ``wall_seconds`` (this session, data in memory to scores).
 
   Raises:
     ValueError: a bad config, batch size or workdir, or a workdir holding a
@@ -351,9 +358,7 @@ def train_and_evaluate(
   results, test_preds = evaluation.final_evaluation(s.evaluate, s.test_y, weight_sets, pairs)
   results.update(run_info(config, n_params), train_seconds=sum(r["seconds"] for r in history),
                  wall_seconds=time.perf_counter() - t_start)
-  if distributed.is_main_process():
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
+  write_results(workdir, results)
   if write_artifacts:
     write_checkpoint_and_plots(workdir, config, weight_sets, history, dataset, pairs[1],
                                test_preds)

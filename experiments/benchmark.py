@@ -744,7 +744,7 @@ def _setup_lines(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> 
       f"- JAX: backend {ji['backend']}, devices {', '.join(ji['devices'])} "
       f"(`adder.devices`: {ji['device_choice']}; `adder.conv_cpu`: "
       f"{ji.get('convolutions', 'not recorded')}); one jit call per epoch "
-      f"(`adder.train.train_epoch`); XLA_FLAGS "
+      f"(`adder.step.train_epoch`); XLA_FLAGS "
       f"{'`' + ji['xla_flags'] + '`' if ji['xla_flags'] else 'unset'}",
       f"- PyTorch: device {ti['device']}, {ti['threads']} threads "
       f"(`torch.get_num_threads()`), {ti['interop_threads']} inter-op threads; "
@@ -790,7 +790,7 @@ def _speed_table(meta: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> 
           key="epoch_s", kind="s", better="lower"),
   ]
   if epochs > 1:
-    lines.append(row("first epoch, with compilation (s)", key="first_epoch_s", kind="s",
+    lines.append(row("first epoch of the training runs, compiled anew after the throughput phase (s)", key="first_epoch_s", kind="s",
                      better="lower"))
   lines.append(row(f"full recipe wall time, {epochs} epoch(s) with per-epoch and final "
                    "evaluation (s)", key="wall_s", kind="s", better="lower"))
@@ -905,7 +905,7 @@ def _notes(section: str) -> list[str]:
       "evaluation, the SWA BatchNorm recompute, the final evaluation), averaged over "
       "the seeds.",
       "- Evaluation throughput: after a warm-up on the test pairs, one pass of "
-      "`adder.train.evaluate` / `torch_reference.evaluate` (eval mode, predictions "
+      "`adder.evaluation.evaluate` / `torch_reference.evaluate` (eval mode, predictions "
       "and metrics) over the exhaustive set.",
       "- Memory: `resource.getrusage(RUSAGE_SELF).ru_maxrss` of each pipeline's own "
       "process at its end, a process-wide high-water mark over imports, data, timing, "
