@@ -2,6 +2,7 @@
 the real MNIST folder, MNIST prepared once per session, and code that hides
 packages from a subprocess."""
 
+import functools
 import json
 import os
 import pathlib
@@ -128,3 +129,65 @@ def short_run_augmented(fake_mnist, tmp_path_factory):
   from adder import train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("run_augmented"))
   return workdir, train.train_and_evaluate(TINY_AUGMENTED, workdir, dataset=fake_mnist)
+
+
+def random_variables(seed: int) -> dict:
+  """Random weights of the default model, with BatchNorm statistics of random images (numpy).
+
+  Drawn with numpy rather than `init_variables`: compiling JAX's random
+  initialisers takes many seconds on a CPU.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from adder import model as model_lib  # pylint: disable=g-import-not-at-top
+  from adder.config import Config  # pylint: disable=g-import-not-at-top
+  model = model_lib.create_model(Config())
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda key: model_lib.init_variables(model, key),
+                          jax.ShapeDtypeStruct((2,), np.uint32))
+
+  def draw(path, s):
+    if len(s.shape) > 1:  # kernels: He normal
+      return rng.normal(0, np.sqrt(2 / np.prod(s.shape[:-1])), s.shape).astype(np.float32)
+    centre = 1.0 if path[-1].key == "scale" else 0.0
+    return (centre + 0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+
+  variables = {"params": jax.tree_util.tree_map_with_path(draw, shapes["params"])}
+  images = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8)
+  numbers = rng.integers(0, 10, 64)
+  # BatchNorm running statistics := those of this batch.
+  _, updates = jax.jit(functools.partial(model.clone(bn_momentum=0.0).apply, train=True,
+                                         mutable=["batch_stats"]))(
+      {**variables, "batch_stats": jax.tree_util.tree_map(
+          lambda s: np.ones(s.shape, s.dtype), shapes["batch_stats"])},
+      model_lib.normalize_images(images), numbers)
+  return jax.device_get({**variables, "batch_stats": updates["batch_stats"]})
+
+
+@pytest.fixture(scope="session")
+def weight_sets() -> dict:
+  """Two random weight sets of the default model, ``final`` and ``swa``."""
+  return {"final": random_variables(0), "swa": random_variables(1)}
+
+
+@pytest.fixture(scope="session")
+def checkpoint_workdir(tmp_path_factory, weight_sets) -> pathlib.Path:
+  """A training workdir holding only ``checkpoint/``: `weight_sets` of the default config."""
+  from adder import checkpoint  # pylint: disable=g-import-not-at-top
+  from adder.config import Config  # pylint: disable=g-import-not-at-top
+  wd = tmp_path_factory.mktemp("workdir")
+  checkpoint.save(str(wd / "checkpoint"), weight_sets, Config())
+  return wd
+
+
+def garble_weights(ckpt_dir: pathlib.Path, pattern: str = "*") -> None:
+  """Overwrite the weights' files matching `pattern` (not _METADATA) with garbage.
+
+  ``"ocdbt.process_*/d/*"`` hits only array chunks, so that orbax fails while
+  reading arrays (after reading the metadata); ``"*"`` also hits the OCDBT
+  manifests and the zarr metadata.
+  """
+  paths = [p for p in (ckpt_dir / "weights").rglob(pattern)
+           if p.is_file() and p.name not in ("_METADATA", "commit_success.txt")]
+  assert paths, f"no {pattern} in the checkpoint: orbax's layout changed, update this test"
+  for path in paths:
+    path.write_bytes(b"\xffnot tensorstore data\x00" * 4)

@@ -152,8 +152,6 @@ def jax_loss_and_grads(variables, images_u8, digits, numbers, consistency_weight
   return jax.value_and_grad(lambda params: step_lib.objective(state, params, batch)[0])(
       state.params)
 
-  return jax.value_and_grad(loss_fn)(variables["params"])
-
 
 TRAIN_STEP = jax.jit(step_lib.train_step)
 RECOMPUTE_BATCH_STATS = jax.jit(functools.partial(batch_norm.recompute_batch_stats, MODEL))

@@ -1,5 +1,6 @@
 """adder/plots.py's samples and titles, experiments/architecture.py, experiments/sample_digit.py."""
 
+import os
 import sys
 
 import jax
@@ -133,3 +134,33 @@ def test_the_shipped_sample_digit_is_small_and_grey():
   assert path.stat().st_size < 8 * 1024
   with Image.open(path) as img:
     assert img.mode == "L" and img.size == (112, 112)
+
+
+def test_write_all_plots(tmp_path):
+  rng = np.random.default_rng(0)
+  n = 40
+  labels, numbers = rng.integers(0, 10, n), rng.integers(0, 10, n)
+  digit_pred = np.where(np.arange(n) % 5 == 0, (labels + 1) % 10, labels)
+  history = [{"epoch": e, "train_loss": 1.0 / e, "test_digit_acc": 1 - 0.1 / e,
+              "test_sum_acc": 1 - 0.12 / e, "test_joint_acc": 1 - 0.15 / e,
+              "test_consistency": 0.99, "test_loss": 1.2 / e, "lr": 0.1 * e * (4 - e),
+              "seconds": 1.0}
+             for e in (1, 2, 3)]
+  paths = plots.write_all(str(tmp_path / "wd"), history,
+                          rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+                          labels, numbers, digit_pred, digit_pred + numbers)
+  names = ["loss.png", "accuracy.png", "lr.png", "samples.png", "mistakes.png",
+           "confusion.png"]
+  assert [os.path.basename(p) for p in paths] == names
+  for path in paths:
+    with Image.open(path) as img:
+      assert img.format == "PNG" and min(img.size) > 100
+  counts = plots.confusion_matrix(labels, digit_pred)
+  assert counts.sum() == n and np.trace(counts) == n - len(range(0, n, 5))
+
+
+def test_mistakes_are_the_cases_with_a_wrong_digit_or_sum():
+  labels, numbers = np.array([1, 2, 3, 4]), np.array([0, 5, 9, 1])
+  digit_pred = np.array([1, 7, 3, 4])  # case 1: digit wrong (and so its sum)
+  sum_pred = np.array([1, 12, 11, 5])  # case 2: digit right, sum wrong
+  np.testing.assert_array_equal(plots.mistakes(labels, numbers, digit_pred, sum_pred), [1, 2])

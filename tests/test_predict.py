@@ -23,9 +23,9 @@ from PIL import Image, ImageDraw
 
 from adder import checkpoint
 from adder import model as model_lib
-from adder import plots
 from adder import predict
 from adder.config import Config
+from conftest import garble_weights
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = Config()
@@ -35,55 +35,12 @@ MODEL = model_lib.create_model(CONFIG)
 FOUR = [(0.5, 1.0), (0.5, 0.0), (0.0, 0.68), (0.7, 0.68)]
 
 
-def _variables(seed: int) -> dict:
-  """Random weights with BatchNorm statistics of a batch of random images (numpy).
-
-  Drawn with numpy rather than `init_variables`: compiling JAX's random
-  initialisers takes many seconds on a CPU.
-  """
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(lambda key: model_lib.init_variables(MODEL, key),
-                          jax.ShapeDtypeStruct((2,), np.uint32))
-
-  def draw(path, s):
-    if len(s.shape) > 1:  # kernels: He normal
-      return rng.normal(0, np.sqrt(2 / np.prod(s.shape[:-1])), s.shape).astype(np.float32)
-    centre = 1.0 if path[-1].key == "scale" else 0.0
-    return (centre + 0.1 * rng.standard_normal(s.shape)).astype(np.float32)
-
-  variables = {
-      "params": jax.tree_util.tree_map_with_path(draw, shapes["params"]),
-      "batch_stats": jax.tree_util.tree_map(lambda s: np.ones(s.shape, s.dtype),
-                                            shapes["batch_stats"]),
-  }
-  images = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8)
-  numbers = rng.integers(0, 10, 64)
-  return jax.device_get(_BATCH_STATS_FN(variables, images, numbers))
-
-
-def _with_batch_stats(variables: dict, images: jax.Array, numbers: jax.Array) -> dict:
-  """`variables` with BatchNorm running statistics := those of this batch."""
-  _, updates = MODEL.clone(bn_momentum=0.0).apply(
-      variables, model_lib.normalize_images(images), numbers, train=True,
-      mutable=["batch_stats"])
-  return {"params": variables["params"], "batch_stats": updates["batch_stats"]}
-
-
-_BATCH_STATS_FN = jax.jit(_with_batch_stats)
 _APPLY_FN = jax.jit(functools.partial(MODEL.apply, train=False))
 
 
-@pytest.fixture(scope="module")
-def weight_sets() -> dict:
-  return {"final": _variables(0), "swa": _variables(1)}
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, weight_sets) -> pathlib.Path:
-  """A training workdir holding only ``checkpoint/``."""
-  wd = tmp_path_factory.mktemp("workdir")
-  checkpoint.save(str(wd / "checkpoint"), weight_sets, CONFIG)
-  return wd
+@pytest.fixture(name="workdir", scope="module")
+def _workdir(checkpoint_workdir):
+  return checkpoint_workdir
 
 
 def _draw_digit(path, size, box, ink, paper, fmt):
@@ -111,73 +68,6 @@ def digit_jpeg(tmp_path_factory) -> pathlib.Path:
   """Dark ink on light paper, 240x180 JPEG, digit off centre."""
   path = tmp_path_factory.mktemp("images") / "dark_on_light.jpg"
   return _draw_digit(path, (240, 180), (120, 20, 140), (10, 10, 10), (235, 235, 225), "JPEG")
-
-
-def _assert_trees_equal(a, b):
-  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    assert isinstance(x, np.ndarray) and x.dtype == np.float32
-    np.testing.assert_array_equal(x, y)
-
-
-# --- checkpoint ----------------------------------------------------------------
-
-
-@pytest.mark.parametrize("where", ["workdir", "checkpoint dir"])
-def test_save_load_round_trip(workdir, weight_sets, where):
-  path = workdir if where == "workdir" else workdir / "checkpoint"
-  config, loaded = checkpoint.load(str(path))
-  assert config == CONFIG
-  assert sorted(loaded) == ["final", "swa"]
-  _assert_trees_equal(loaded, weight_sets)
-  assert checkpoint.preferred_weights(loaded) == "swa"
-
-
-def test_save_overwrites(tmp_path, weight_sets):
-  path = str(tmp_path / "checkpoint")
-  checkpoint.save(path, weight_sets, CONFIG)
-  checkpoint.save(path, {"final": weight_sets["swa"]}, CONFIG.replace(epochs=3))
-  config, loaded = checkpoint.load(path)
-  assert config.epochs == 3
-  _assert_trees_equal(loaded, {"final": weight_sets["swa"]})
-  assert checkpoint.preferred_weights(loaded) == "final"
-
-
-def _garble_weights(ckpt_dir: pathlib.Path, pattern: str = "*") -> None:
-  """Overwrite the weights' files matching `pattern` (not _METADATA) with garbage.
-
-  ``"ocdbt.process_*/d/*"`` hits only array chunks, so that orbax fails while
-  reading arrays (after reading the metadata); ``"*"`` also hits the OCDBT
-  manifests and the zarr metadata.
-  """
-  paths = [p for p in (ckpt_dir / "weights").rglob(pattern)
-           if p.is_file() and p.name not in ("_METADATA", "commit_success.txt")]
-  assert paths, f"no {pattern} in the checkpoint: orbax's layout changed, update this test"
-  for path in paths:
-    path.write_bytes(b"\xffnot tensorstore data\x00" * 4)
-
-
-def test_load_refuses_bad_checkpoints(tmp_path, workdir, weight_sets, monkeypatch):
-  (tmp_path / "empty").mkdir()
-  for name in ("garbled", "truncated_meta"):
-    shutil.copytree(workdir / "checkpoint", tmp_path / name)
-  _garble_weights(tmp_path / "garbled")
-  meta = tmp_path / "truncated_meta" / "meta" / "metadata"
-  meta.write_bytes(meta.read_bytes()[:20])
-  checkpoint.save(str(tmp_path / "narrow"), weight_sets,
-                  CONFIG.replace(conv_features=(8, 8, 8, 8, 20)))
-  with monkeypatch.context() as m:
-    m.setattr(checkpoint, "FORMAT", 99)
-    checkpoint.save(str(tmp_path / "future"), weight_sets, CONFIG)
-
-  # (directory, a word the message must hold)
-  for name, word in [("missing", "not found"), ("empty", "not a checkpoint"),
-                     ("garbled", "corrupt"), ("truncated_meta", "corrupt"),
-                     ("narrow", "incompatible"), ("future", "format 99")]:
-    with pytest.raises(checkpoint.CheckpointError) as info:
-      checkpoint.load(str(tmp_path / name))
-    message = str(info.value)
-    assert word in message and "\n" not in message, (name, message)
 
 
 # --- Python API ------------------------------------------------------------------
@@ -314,7 +204,7 @@ def cli_paths(tmp_path_factory, workdir, weight_sets, digit_png) -> dict:
   text = tmp / "digit.png"
   text.write_text("this is text, not a PNG\n")
   shutil.copytree(workdir / "checkpoint", tmp / "garbled")
-  _garble_weights(tmp / "garbled", "ocdbt.process_*/d/*")
+  garble_weights(tmp / "garbled", "ocdbt.process_*/d/*")
   # The default model's weights, stored with a config of narrower convolutions.
   checkpoint.save(str(tmp / "narrow"), weight_sets, CONFIG.replace(conv_features=(8, 8, 8, 8, 20)))
   return {"ckpt": workdir, "image": digit_png, "tmp": tmp, "text": text,
@@ -332,34 +222,3 @@ def test_cli_bad_input(cli_paths, case):
   assert word in lines[0] and "Traceback" not in proc.stderr
 
 
-# --- plots -------------------------------------------------------------------------
-
-
-def test_write_all_plots(tmp_path):
-  rng = np.random.default_rng(0)
-  n = 40
-  labels, numbers = rng.integers(0, 10, n), rng.integers(0, 10, n)
-  digit_pred = np.where(np.arange(n) % 5 == 0, (labels + 1) % 10, labels)
-  history = [{"epoch": e, "train_loss": 1.0 / e, "test_digit_acc": 1 - 0.1 / e,
-              "test_sum_acc": 1 - 0.12 / e, "test_joint_acc": 1 - 0.15 / e,
-              "test_consistency": 0.99, "test_loss": 1.2 / e, "lr": 0.1 * e * (4 - e),
-              "seconds": 1.0}
-             for e in (1, 2, 3)]
-  paths = plots.write_all(str(tmp_path / "wd"), history,
-                          rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
-                          labels, numbers, digit_pred, digit_pred + numbers)
-  names = ["loss.png", "accuracy.png", "lr.png", "samples.png", "mistakes.png",
-           "confusion.png"]
-  assert [os.path.basename(p) for p in paths] == names
-  for path in paths:
-    with Image.open(path) as img:
-      assert img.format == "PNG" and min(img.size) > 100
-  counts = plots.confusion_matrix(labels, digit_pred)
-  assert counts.sum() == n and np.trace(counts) == n - len(range(0, n, 5))
-
-
-def test_mistakes_are_the_cases_with_a_wrong_digit_or_sum():
-  labels, numbers = np.array([1, 2, 3, 4]), np.array([0, 5, 9, 1])
-  digit_pred = np.array([1, 7, 3, 4])  # case 1: digit wrong (and so its sum)
-  sum_pred = np.array([1, 12, 11, 5])  # case 2: digit right, sum wrong
-  np.testing.assert_array_equal(plots.mistakes(labels, numbers, digit_pred, sum_pred), [1, 2])
