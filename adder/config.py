@@ -86,7 +86,8 @@ class Config:
   # after training on the training images as they are, as the SWA weights'
   # always are (`adder.batch_norm`): the running statistics describe augmented
   # batches, not the plain images that are evaluated. False (the flag), or no
-  # augmentation: the running statistics, as the original's final weights.
+  # augmentation: the running statistics, as the original's final weights
+  # (the flag is kept for the BatchNorm table of docs/recipe-search.md).
   # Chosen by experiments/batch_stats.py over twelve runs (docs/recipe-search.md).
   plain_batch_stats: bool = _field(
       True, "--running-batch-stats", "keep the final weights' running BatchNorm "
@@ -129,6 +130,8 @@ class Config:
   # value: the one-cycle schedule ends where averaging starts, and the
   # averaging phase holds this learning rate (and the one-cycle's final
   # momentum), as in the SWA paper's constant-rate phase and PyTorch's SWALR.
+  # Its screen lost (docs/recipe-search.md); kept because the PyTorch reference
+  # runs it too and the parity tests check that phase against torch's SWALR.
   swa_lr: Optional[float] = _field(
       None, "--swa-lr", "hold this learning rate while averaging, the one-cycle schedule "
       "ending where averaging starts (default: the one-cycle schedule over every step)",
