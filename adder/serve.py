@@ -11,7 +11,8 @@ with uvicorn, until Ctrl-C:
   28x28 image the model saw.
 * ``POST /api/predict``: one item or a batch (`adder.api`); ``GET
   /api/health``: checkpoint, weights, JAX backend; ``GET /docs``: the OpenAPI
-  docs (Swagger UI, whose script comes from a CDN; ``/openapi.json`` is local).
+  docs (Swagger UI, its files served from the ``swagger-ui-bundle`` package, so
+  they work offline too) of ``/openapi.json``.
 
 One worker thread (`ModelRunner`) does a request's work: it decodes and
 prepares the images and runs the model, so JAX is only ever called from it and
@@ -43,9 +44,11 @@ import numpy as np
 import uvicorn
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from swagger_ui_bundle import swagger_ui_path
 
 from adder import api
 from adder import checkpoint as checkpoint_lib
@@ -252,8 +255,8 @@ def create_app(predictor: predict.Predictor, checkpoint: str, batching: str = "m
       await batcher.stop()
     runner.close()
 
-  app = FastAPI(title="adder", version="0.1.0", lifespan=lifespan,
-                description="Read the digit in an image and add an integer 0-9 to it.")
+  app = FastAPI(title="adder", version="0.1.0", lifespan=lifespan, docs_url=None,
+                redoc_url=None, description="Read the digit in an image and add an integer 0-9 to it.")
   app.add_middleware(BodyLimit, max_bytes=api.MAX_BODY_BYTES)
   _add_error_handlers(app)
   health = api.Health(
@@ -291,7 +294,16 @@ def _add_routes(app: FastAPI, runner: ModelRunner, batcher: Optional[MicroBatche
   async def page() -> FileResponse:
     return FileResponse(os.path.join(STATIC_DIR, "index.html"))
 
+  @app.get("/docs", include_in_schema=False)
+  async def docs() -> Any:
+    return get_swagger_ui_html(
+        openapi_url=app.openapi_url, title="adder: API",
+        swagger_js_url="/docs-files/swagger-ui-bundle.js",
+        swagger_css_url="/docs-files/swagger-ui.css",
+        swagger_favicon_url="/docs-files/favicon-32x32.png")
+
   app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+  app.mount("/docs-files", StaticFiles(directory=str(swagger_ui_path)), name="docs-files")
 
 
 # --- command line ---

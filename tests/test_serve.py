@@ -13,6 +13,7 @@ import base64
 import io
 import math
 import os
+import re
 import pathlib
 import signal
 import socket
@@ -148,7 +149,14 @@ def test_health_and_docs(client):
   assert health["batching"] == "micro" and health["max_batch"] == api.MAX_BATCH
   spec = client.get("/openapi.json").json()
   assert {"/api/predict", "/api/health"} <= set(spec["paths"])
-  assert client.get("/docs").status_code == 200
+  docs = client.get("/docs")
+  assert docs.status_code == 200
+  # Every file the docs page loads comes from this server: it works offline.
+  files = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+  assert files and all(f.startswith("/") for f in files), files
+  for f in files:
+    assert client.get(f).status_code == 200, f
+  assert "openapi.json" in docs.text
 
 
 def test_page_and_its_files_are_served_locally(client):
