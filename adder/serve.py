@@ -17,11 +17,12 @@ with uvicorn, until Ctrl-C:
 One worker thread (`ModelRunner`) does a request's work: it decodes and
 prepares the images and runs the model, so JAX is only ever called from it and
 the event loop only reads and answers HTTP. Every batch is padded to the next
-size in `BUCKETS`, so no request compiles. With ``--batching micro`` (the
-default) the requests that wait for the model while it runs are joined into
-its next call (`MicroBatcher`); with ``off`` each request is one model call.
-``experiments/serve_load.py`` measures both (BENCHMARKS.md: micro answered
-more single requests per second). Every 4xx answer is ``{"error": "<one
+size in `BUCKETS`, so no request compiles. With ``--batching off`` (the
+default) each request is one model call; with ``micro`` the requests that wait
+for the model while it runs are joined into its next call (`MicroBatcher`).
+``experiments/serve_load.py`` measures both (BENCHMARKS.md): on single
+requests, the page's, they were even in throughput and only ``off`` kept every
+round's p99 under 50 ms; ``micro`` answered batch requests faster. Every 4xx answer is ``{"error": "<one
 line>"}``; bodies over `adder.api.MAX_BODY_BYTES` are refused by their
 Content-Length before being read, or as soon as the stream passes the limit.
 """
@@ -229,7 +230,7 @@ _EXAMPLES = {
 }
 
 
-def create_app(predictor: predict.Predictor, checkpoint: str, batching: str = "micro",
+def create_app(predictor: predict.Predictor, checkpoint: str, batching: str = "off",
                buckets: Sequence[int] = BUCKETS) -> FastAPI:
   """The app, its model compiled for every size in `buckets` (so this takes seconds).
 
@@ -322,10 +323,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                  help="TCP port (default 8000; 0 picks a free one, shown in the URL line)")
   p.add_argument("--weights", choices=checkpoint_lib.WEIGHT_SETS, default=None,
                  help="weight set to use (default: swa when the checkpoint has it, else final)")
-  p.add_argument("--batching", choices=BATCHING, default="micro",
-                 help="micro (default): requests waiting for the model share its next "
-                      "call; off: one model call per request (fewer requests/s in "
-                      "BENCHMARKS.md)")
+  p.add_argument("--batching", choices=BATCHING, default="off",
+                 help="off (default): one model call per request; micro: requests "
+                      "waiting for the model share its next call, faster for batch "
+                      "requests (BENCHMARKS.md)")
   return p.parse_args(argv)
 
 

@@ -146,7 +146,7 @@ def test_health_and_docs(client):
   health = client.get("/api/health").json()
   assert health["checkpoint"] == os.path.abspath(predict.PRETRAINED)
   assert health["weights"] == "swa" and health["backend"] == "cpu"
-  assert health["batching"] == "micro" and health["max_batch"] == api.MAX_BATCH
+  assert health["batching"] == "off" and health["max_batch"] == api.MAX_BATCH
   spec = client.get("/openapi.json").json()
   assert {"/api/predict", "/api/health"} <= set(spec["paths"])
   docs = client.get("/docs")
@@ -376,7 +376,7 @@ def test_cli_serves_then_stops_on_ctrl_c():
     assert line.startswith("adder.serve: http://127.0.0.1:"), (line, proc.stderr.read())
     url = line.split()[1]
     health = httpx.get(url + "api/health", timeout=30).json()
-    assert health["weights"] == "swa" and health["batching"] == "micro"
+    assert health["weights"] == "swa" and health["batching"] == "off"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
   finally:
