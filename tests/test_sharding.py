@@ -25,7 +25,8 @@ STEPS_ON_ONE_AND_TWO_DEVICES = textwrap.dedent("""
     import json
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from adder import augment, data, distributed, step
+    from adder import augment, data, distributed
+    from adder import step as step_lib
     from adder.config import Config
 
     assert jax.device_count() == 2, jax.devices()
@@ -36,12 +37,12 @@ STEPS_ON_ONE_AND_TWO_DEVICES = textwrap.dedent("""
     keys = augment.step_keys(jax.random.PRNGKey(1), 0, 4)
 
     def run(config, devices):
-      aug = step.create_augment(config)
+      aug = step_lib.create_augment(config)
       mesh = Mesh(np.array(devices), ("data",))
       rep, by_data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-      state, _ = step.create_train_state(config, jax.random.PRNGKey(0), 8)
+      state, _ = step_lib.create_train_state(config, jax.random.PRNGKey(0), 8)
       state, xs, ys = distributed.replicate((state, x, y), rep)
-      step = jax.jit(step.train_batch, static_argnames=("batch_sharding", "augment"))
+      step = jax.jit(step_lib.train_batch, static_argnames=("batch_sharding", "augment"))
       hlo = step.lower(state, xs, ys, idx[0], nums[0], keys[0], batch_sharding=by_data,
                        augment=aug).compile().as_text()
       for k in range(4):
