@@ -141,9 +141,5 @@ def final_evaluation(
     ex_scores["joint_acc_by_number"] = metrics_lib.joint_by_number(
         *ex_preds, test_labels[ex_pairs[0]], ex_pairs[1])
     results[name] = {"test": test_scores, "exhaustive": ex_scores}
-    distributed.log(
-        f"{name:5s}  test joint {test_scores['joint_acc']:.4f}  exhaustive: digit "
-        f"{ex_scores['digit_acc']:.4f} sum {ex_scores['sum_acc']:.4f} joint "
-        f"{ex_scores['joint_acc']:.4f} consistency {ex_scores['consistency']:.4f} "
-        f"sum|digit {ex_scores['sum_given_digit']:.4f}")
+    distributed.log(metrics_lib.final_line(name, test_scores, ex_scores))
   return results, test_preds

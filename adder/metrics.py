@@ -64,3 +64,29 @@ def joint_by_number(
   joint = (digit_pred == digits) & (sum_pred == digits + numbers)
   return [float(joint[numbers == k].mean()) if (numbers == k).any() else float("nan")
           for k in range(10)]
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+  """The line ``python -m adder.train`` prints after an epoch, from its metrics row.
+
+  Args: a row of ``metrics.jsonl`` (rows saved before the test-pair loss was
+    logged have no ``test_loss``, and print without it); the run's epoch count.
+  """
+  test_loss = f"test loss {row['test_loss']:.4f} " if "test_loss" in row else "test "
+  return (f"epoch {row['epoch']:2d}/{epochs}  loss {row['train_loss']:.4f}  {test_loss}"
+          f"digit {row['test_digit_acc']:.4f} sum {row['test_sum_acc']:.4f} joint "
+          f"{row['test_joint_acc']:.4f}  lr {row['lr']:.5f}  {row['seconds']:.1f}s")
+
+
+def final_line(name: str, test: dict, exhaustive: dict) -> str:
+  """The line ``python -m adder.train`` prints for a weight set's final scores.
+
+  Args: the weight set (``"final"``, ``"swa"``); its scores on the test pairs
+    and the exhaustive set (``sum_given_digit`` printed where present).
+  """
+  sum_given_digit = (f" sum|digit {exhaustive['sum_given_digit']:.4f}"
+                     if "sum_given_digit" in exhaustive else "")
+  return (f"{name:5s}  test joint {test['joint_acc']:.4f}  exhaustive: digit "
+          f"{exhaustive['digit_acc']:.4f} sum {exhaustive['sum_acc']:.4f} joint "
+          f"{exhaustive['joint_acc']:.4f} consistency {exhaustive['consistency']:.4f}"
+          f"{sum_given_digit}")

@@ -43,6 +43,7 @@ from adder import data as data_lib
 from adder import devices
 from adder import distributed
 from adder import evaluation
+from adder import metrics as metrics_lib
 from adder import model as model_lib
 from adder import step as step_lib
 from adder import stopping
@@ -153,13 +154,6 @@ def run_epoch(
   return state, row, losses
 
 
-def _log_line(epoch: int, epochs: int, row: dict) -> str:
-  return (f"epoch {epoch:2d}/{epochs}  loss {row['train_loss']:.4f}  "
-          f"test loss {row['test_loss']:.4f} digit {row['test_digit_acc']:.4f} "
-          f"sum {row['test_sum_acc']:.4f} joint {row['test_joint_acc']:.4f}  "
-          f"lr {row['lr']:.5f}  {row['seconds']:.1f}s")
-
-
 def _stop_signal(stop: Optional[stopping.StopRequest], epoch: int) -> Optional[int]:
   """The signal that stops the run after `epoch`, the same on every process; None: go on.
 
@@ -230,7 +224,7 @@ def train_epochs(
         with open(metrics_path, "a") as f:
           f.write(json.dumps(row) + "\n")
         events.write_epoch(row, losses)
-      log(_log_line(epoch, config.epochs, row))
+      log(metrics_lib.epoch_line(row, config.epochs))
       if signum:
         raise stopping.Stopped(signum, f"after epoch {epoch}/{config.epochs}; "
                                        f"{_saved_message(states)}")

@@ -33,6 +33,9 @@ import re
 import statistics
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from adder import metrics  # noqa: E402  (numpy only)
+
 
 def results_table(results: dict) -> str:
   rows = ["| weights | set | cases | digit acc | sum acc | joint acc | consistency |",
@@ -166,21 +169,9 @@ def console_lines(results: dict, rows: list[dict]) -> list[str]:
     results: the run's ``results.json``; rows: its ``metrics.jsonl``, one dict per epoch.
   """
   epochs = results["config"]["epochs"]
-  lines = []
-  for r in rows:
-    test_loss = f"test loss {r['test_loss']:.4f} " if "test_loss" in r else "test "
-    lines.append(f"epoch {r['epoch']:2d}/{epochs}  loss {r['train_loss']:.4f}  {test_loss}"
-                 f"digit {r['test_digit_acc']:.4f} sum {r['test_sum_acc']:.4f} joint "
-                 f"{r['test_joint_acc']:.4f}  lr {r['lr']:.5f}  {r['seconds']:.1f}s")
-  for name in ("final", "swa"):
-    if name in results:
-      t, e = results[name]["test"], results[name]["exhaustive"]
-      sum_given_digit = (f" sum|digit {e['sum_given_digit']:.4f}"
-                         if "sum_given_digit" in e else "")
-      lines.append(f"{name:5s}  test joint {t['joint_acc']:.4f}  exhaustive: digit "
-                   f"{e['digit_acc']:.4f} sum {e['sum_acc']:.4f} joint {e['joint_acc']:.4f} "
-                   f"consistency {e['consistency']:.4f}{sum_given_digit}")
-  return lines
+  return ([metrics.epoch_line(r, epochs) for r in rows]
+          + [metrics.final_line(name, results[name]["test"], results[name]["exhaustive"])
+             for name in ("final", "swa") if name in results])
 
 
 def main(argv=None) -> int:
