@@ -239,7 +239,7 @@ def prepare_image(image: Union[str, os.PathLike, Image.Image]) -> np.ndarray:
 # --- command line ---
 
 
-class _ArgumentParser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
   """argparse, but a usage error is one ``error:`` line (exit 2), no usage dump."""
 
   def error(self, message: str):
@@ -256,7 +256,7 @@ def _parse_number(text: str) -> int:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = _ArgumentParser(
+  p = OneLineErrorParser(
       prog="python -m adder.predict",
       description="Read the digit in an image and add an integer to it, with a trained "
                   "adder checkpoint. The image is converted to MNIST's form first "

@@ -311,7 +311,7 @@ def _add_routes(app: FastAPI, runner: ModelRunner, batcher: Optional[MicroBatche
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = predict._ArgumentParser(  # pylint: disable=protected-access  (one error line)
+  p = predict.OneLineErrorParser(
       prog="python -m adder.serve",
       description="Serve the drawing page and the JSON API of an adder checkpoint.")
   p.add_argument("checkpoint", nargs="?", default=predict.PRETRAINED, metavar="CHECKPOINT",
