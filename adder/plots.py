@@ -32,13 +32,15 @@ SAMPLE_COLUMNS = 8
 DPI = 120
 
 
-def _figure(**kwargs) -> Figure:
+def new_figure(**kwargs) -> Figure:
+  """A matplotlib Figure rendered by Agg, whatever pyplot's backend is."""
   fig = Figure(**kwargs)
   FigureCanvasAgg(fig)  # render with Agg whatever pyplot's backend is
   return fig
 
 
-def _save(fig: Figure, path: str) -> str:
+def save(fig: Figure, path: str) -> str:
+  """Write `fig` as a PNG at `path` (`DPI`, cropped to its content); returns `path`."""
   fig.savefig(path, dpi=DPI, bbox_inches="tight")
   return path
 
@@ -54,7 +56,7 @@ def plot_loss(history: Sequence[dict], path: str) -> str:
   The mean over the epoch's training steps and, where the rows have
   ``test_loss``, the loss on the test pairs after the epoch (eval mode).
   """
-  fig = _figure(figsize=(6, 4))
+  fig = new_figure(figsize=(6, 4))
   ax = fig.subplots()
   curves = [_column(history, "train_loss")]
   ax.plot(*curves[0], marker="o", label="train (mean over the epoch)")
@@ -68,7 +70,7 @@ def plot_loss(history: Sequence[dict], path: str) -> str:
   ax.grid(True, alpha=0.3)
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
   ax.legend()
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def plot_accuracy(history: Sequence[dict], path: str) -> str:
@@ -77,7 +79,7 @@ def plot_accuracy(history: Sequence[dict], path: str) -> str:
   Those of the weights being trained at the end of the epoch (not the SWA
   average), as ``metrics.jsonl`` records them.
   """
-  fig = _figure(figsize=(6, 4))
+  fig = new_figure(figsize=(6, 4))
   ax = fig.subplots()
   for key, label in (("test_digit_acc", "digit"), ("test_sum_acc", "sum"),
                      ("test_joint_acc", "joint (both right)")):
@@ -88,19 +90,19 @@ def plot_accuracy(history: Sequence[dict], path: str) -> str:
   ax.grid(True, alpha=0.3)
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
   ax.legend()
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def plot_lr(history: Sequence[dict], path: str) -> str:
   """Learning rate at the end of each epoch."""
-  fig = _figure(figsize=(6, 4))
+  fig = new_figure(figsize=(6, 4))
   ax = fig.subplots()
   epochs, lr = _column(history, "lr")
   ax.plot(epochs, lr, marker="o")
   ax.set(xlabel="epoch", ylabel="learning rate", title="Learning rate (one-cycle)")
   ax.grid(True, alpha=0.3)
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def _image_grid(images: np.ndarray, indices, row_height: float):
@@ -110,7 +112,7 @@ def _image_grid(images: np.ndarray, indices, row_height: float):
   the images (at least one row, so an empty selection still draws).
   """
   rows = max(1, -(-len(indices) // SAMPLE_COLUMNS))
-  fig = _figure(figsize=(1.6 * SAMPLE_COLUMNS, row_height * rows))
+  fig = new_figure(figsize=(1.6 * SAMPLE_COLUMNS, row_height * rows))
   axes = list(fig.subplots(rows, SAMPLE_COLUMNS, squeeze=False).flat)
   for ax in axes:
     ax.axis("off")
@@ -171,7 +173,7 @@ def plot_samples(
       f"Test pairs, {_weights_label(weights)}{len(shown) - num_shown_wrong} right and "
       f"{num_shown_wrong} wrong ({len(wrong):,} of {len(labels):,} wrong in all)\n"
       "#index  digit + integer; d digit, s sum as predicted; in red, wrong: true→predicted")
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def mistakes(labels: np.ndarray, numbers: np.ndarray, digit_pred: np.ndarray,
@@ -220,7 +222,7 @@ def plot_gallery(images: np.ndarray, indices, titles: Sequence[str], suptitle: s
   for ax, title in zip(axes, titles):
     ax.set_title(title, fontsize=7, color="red")
   fig.suptitle(suptitle)
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def confusion_matrix(labels: np.ndarray, pred: np.ndarray, num_classes: int = 10) -> np.ndarray:
@@ -239,7 +241,7 @@ def plot_confusion(labels: np.ndarray, digit_pred: np.ndarray, path: str,
     weights: the weight set that predicted (``"swa"``/``"final"``), for the title.
   """
   counts = confusion_matrix(labels, digit_pred)
-  fig = _figure(figsize=(6.5, 5.5))
+  fig = new_figure(figsize=(6.5, 5.5))
   ax = fig.subplots()
   im = ax.imshow(np.log1p(counts), cmap="Blues")
   threshold = np.log1p(counts).max() / 2
@@ -252,7 +254,7 @@ def plot_confusion(labels: np.ndarray, digit_pred: np.ndarray, path: str,
          title=(f"Digit head confusion, {_weights_label(weights)}test images\n"
                 f"({int(np.trace(counts)):,} of {int(counts.sum()):,} right)"))
   fig.colorbar(im, ax=ax, label="log(1 + count)")
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def write_all(
@@ -307,7 +309,7 @@ def plot_lr_find(
     suggestion: index into the curve of the suggested learning rate, or None.
     reference_lr: drawn as a dashed vertical line (the recipe's peak lr), or None.
   """
-  fig = _figure(figsize=(6.5, 4))
+  fig = new_figure(figsize=(6.5, 4))
   ax = fig.subplots()
   ax.plot(lrs, losses, color="0.75", linewidth=0.8, label="loss per step")
   ax.plot(lrs, smoothed, color="C0", label="smoothed loss")
@@ -325,4 +327,4 @@ def plot_lr_find(
          title="Learning-rate range test")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend()
-  return _save(fig, path)
+  return save(fig, path)

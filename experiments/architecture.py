@@ -31,8 +31,6 @@ if _REPO_ROOT not in sys.path:
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
 
 from adder import model as model_lib  # noqa: E402
 from adder.config import Config  # noqa: E402
@@ -153,8 +151,7 @@ def draw(boxes: list[dict[str, Any]], path: str) -> str:
   colors = {"image": "#dbe9f6", "integer": "#fde5c8", "joint": "#e3f1dc", "head": "#f6d9d9"}
   dx = 2.4  # between columns, in row heights
   cols = 1 + len(joint) + 1
-  fig = Figure(figsize=(2.3 * cols, 0.62 * len(image) + 0.8))
-  FigureCanvasAgg(fig)  # rendered by Agg, as adder.plots' figures
+  fig = plots.new_figure(figsize=(2.3 * cols, 0.62 * len(image) + 0.8))
   ax = fig.subplots()
   ax.set_axis_off()
   bottom = -(len(image) - 1)  # the image branch runs down from row 0 to here
@@ -184,8 +181,7 @@ def draw(boxes: list[dict[str, Any]], path: str) -> str:
   total = sum(b["params"] for b in boxes)
   ax.set_title(f"AdderNet: {total:,} trainable parameters\n(output shapes without the "
                "batch axis, traced from adder.model)", fontsize=10)
-  fig.savefig(path, dpi=plots.DPI, bbox_inches="tight")
-  return path
+  return plots.save(fig, path)
 
 
 def main(argv=None) -> int:

@@ -53,7 +53,7 @@ def test_samples_fill_up_with_wrong_cases_and_never_exceed_the_cases():
 def drawn(monkeypatch):
   """The figures the plots would save, kept instead of written."""
   figures = []
-  monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+  monkeypatch.setattr(plots, "save", lambda fig, path: figures.append(fig) or path)
   return figures
 
 
