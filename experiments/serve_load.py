@@ -64,7 +64,8 @@ STROKES = {
     1: [[(140, 40), (140, 240)]],
     4: [[(170, 40), (70, 175), (215, 175)], [(170, 40), (170, 245)]],
     7: [[(80, 60), (200, 60), (120, 230)]],
-    0: [[(140 + 60 * math.cos(t), 140 + 90 * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 40)]],
+    0: [[(140 + 60 * math.cos(t), 140 + 90 * math.sin(t))
+         for t in np.linspace(0, 2 * math.pi, 40)]],
 }
 
 
@@ -89,14 +90,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 # --- payloads --------------------------------------------------------------------
 
 
-def _png_b64(digit: int) -> str:
-  img = Image.new("RGB", (280, 280), "white")
+def digit_png(digit: int, size: tuple[int, int] = (280, 280)) -> bytes:
+  """PNG bytes of `digit`'s `STROKES` drawn black on white, as the page's canvas sends it."""
+  img = Image.new("RGB", size, "white")
   draw = ImageDraw.Draw(img)
   for stroke in STROKES[digit]:
     draw.line(stroke, fill="black", width=16, joint="curve")
   buf = io.BytesIO()
   img.save(buf, "PNG")
-  return base64.b64encode(buf.getvalue()).decode()
+  return buf.getvalue()
+
+
+def _png_b64(digit: int) -> str:
+  return base64.b64encode(digit_png(digit)).decode()
 
 
 def payloads(batch_size: int) -> dict[str, list[bytes]]:

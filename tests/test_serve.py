@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import math
 import os
 import re
 import pathlib
@@ -26,7 +25,7 @@ import zlib
 import httpx
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from adder import api
 from adder import predict
@@ -34,22 +33,8 @@ from adder import serve
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# Digits as strokes on a 280x280 pad, as a mouse would draw them (y down).
-STROKES = {
-    1: [[(140, 40), (140, 240)]],
-    7: [[(80, 60), (200, 60), (120, 230)]],
-    0: [[(140 + 60 * math.cos(t), 140 + 90 * math.sin(t))
-         for t in np.linspace(0, 2 * math.pi, 40)]],
-}
-
-
-def digit_png(digit: int, size: tuple[int, int] = (280, 280)) -> bytes:
-  """PNG bytes of `digit` drawn black on white, as the page's canvas sends it."""
-  img = Image.new("RGB", size, "white")
-  draw = ImageDraw.Draw(img)
-  for stroke in STROKES[digit]:
-    draw.line(stroke, fill="black", width=16, joint="curve")
-  return _png_bytes(img)
+sys.path.insert(0, str(REPO / "experiments"))
+from serve_load import digit_png  # noqa: E402  (the digits the load test sends)
 
 
 def _png_bytes(img: Image.Image) -> bytes:
