@@ -55,7 +55,7 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _REPO_ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from benchmark import write_section  # noqa: E402  (BENCHMARKS.md's sections)
+from benchmark import cpu_model, usable_cores, write_section  # noqa: E402
 
 MODES = ("off", "micro")
 TIMEOUT_S = 60.0
@@ -261,14 +261,8 @@ def measure(a: argparse.Namespace, bodies: dict[str, list[bytes]]) -> list[dict]
 
 
 def machine() -> str:
-  model = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return f"{model}, {os.cpu_count()} cores ({usable} usable), {platform.system()}"
+  """The CPU model, its cores and the usable ones, and the OS, for the table."""
+  return f"{cpu_model()}, {os.cpu_count()} cores ({usable_cores()} usable), {platform.system()}"
 
 
 def markdown(a: argparse.Namespace, rows: list[dict], command: str) -> str:
